@@ -1,0 +1,944 @@
+"""MQExecutor: a concurrent.futures Executor whose task workers are fed by a
+System V message queue. See docs/architecture.md for the path of one task.
+
+Threads in the submitting process (none of them holds the executor itself, so
+an executor that is garbage-collected shuts down as ProcessPoolExecutor does):
+
+* the caller's thread pickles the call and sends it with a non-blocking msgsnd;
+  when the kernel queue is full the task waits in the in-process *backlog*;
+* the *collector* thread blocks in msgrcv on this executor's private reply queue,
+  completes Futures, and refills the task queue from the backlog;
+* the *manager* thread watches the worker processes (their sentinels), replaces
+  those that exit, fails the task of one that died, polls the backlog while the
+  kernel queue is full, and tears everything down at shutdown.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import errno
+import itertools
+import multiprocessing
+import multiprocessing.connection
+import os
+import random
+import threading
+import time
+import traceback
+import weakref
+from concurrent.futures import Executor, Future
+from concurrent.futures import _base as _futures_base
+from typing import Any, Callable, Iterable, Iterator
+
+import sysv_ipc
+
+from . import codec, queues, spill
+from .errors import (BrokenMQPool, QueueModeError, RemoteTraceback,
+                     ResultUnpicklingError, TaskUnpicklingError, TerminatedWorkerError)
+from .limits import msgmax
+from .protocol import (HEADER_SIZE, PREEMPTIVE_MTYPE, Flag, Kind, ProtocolError, Status,
+                       pack_header, targeted_mtype, unpack_header)
+from .scoreboard import BUSY, Scoreboard
+from .worker import EXIT_INIT_FAILED, STOP_SIGNAL, WorkerConfig, run_worker
+
+__all__ = ["MQExecutor", "MQFuture", "Mode"]
+
+_RNG = random.SystemRandom()
+
+
+class Mode(enum.IntEnum):
+    """How tasks reach task workers, named after Swoole's ``task_ipc_mode``.
+
+    * ``TARGETED`` (2): each worker receives only messages of type worker id + 1;
+      ``submit_to`` picks the worker, ``submit`` the least loaded one.
+    * ``PREEMPTIVE`` (3): all workers compete for every message (msgrcv type 0).
+    """
+
+    TARGETED = 2
+    PREEMPTIVE = 3
+
+
+class MQFuture(Future):
+    """A ``concurrent.futures.Future`` that knows its task.
+
+    Attributes:
+        task_id (int): the id carried by the task's message header (unique per
+            executor, starting at 1).
+        fn_name (str): qualified name of the submitted function.
+        worker_id (int | None): in targeted mode, the worker the task was sent to.
+
+    State follows ProcessPoolExecutor: PENDING while the task waits in this
+    process (``cancel()`` succeeds), RUNNING once it is in the kernel queue.
+    """
+
+    def __init__(self, task_id: int = 0, fn_name: str = "", lock: Any = None):
+        super().__init__()
+        self.task_id = task_id
+        self.fn_name = fn_name
+        self.worker_id: int | None = None
+        self._mq_lock = lock
+
+    def cancel(self) -> bool:
+        """Cancel the task if it has not been handed to the kernel queue yet.
+
+        Returns True when cancelled, False when it is running or done (as
+        ``concurrent.futures.Future.cancel``).
+        """
+        lock = self._mq_lock
+        if lock is None:
+            return super().cancel()
+        with lock:
+            return super().cancel()
+
+    def _withdraw(self) -> bool:
+        """Cancel a task taken back from the kernel queue before any worker got
+        it (``shutdown(cancel_futures=True)``). Caller holds the state lock."""
+        with self._condition:
+            if self._state != _futures_base.RUNNING:
+                return False
+            self._state = _futures_base.PENDING
+        super().cancel()
+        self.set_running_or_notify_cancel()
+        return True
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f" task_id={self.task_id}>"
+
+
+class _WorkItem:
+    __slots__ = ("future", "message", "mtype", "worker", "spill_ref")
+
+    def __init__(self, future: MQFuture, message: bytes, mtype: int, worker: int,
+                 spill_ref: str | None):
+        self.future = future
+        self.message = message
+        self.mtype = mtype
+        self.worker = worker
+        self.spill_ref = spill_ref
+
+
+def _fn_name(fn: Any) -> str:
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if name is None:
+        inner = getattr(fn, "func", None)
+        if inner is not None:
+            return f"partial({_fn_name(inner)})"
+        return type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module and module != "builtins" else name
+
+
+def _process_chunk(fn: Callable, chunk: list[tuple]) -> list:
+    """Run ``fn`` over a chunk of argument tuples (map with chunksize > 1)."""
+    return [fn(*args) for args in chunk]
+
+
+def _cpu_count() -> int:
+    counter = getattr(os, "process_cpu_count", None)
+    if counter is not None:
+        return counter() or 1
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# All live pools of this process, for interpreter exit. Children created by fork
+# must not act on their parent's pools.
+_live_states: "weakref.WeakSet[_PoolState]" = weakref.WeakSet()
+_interpreter_shutdown = False
+
+
+def _python_exit() -> None:
+    global _interpreter_shutdown
+    _interpreter_shutdown = True
+    for state in list(_live_states):
+        if state.pid == os.getpid():
+            state.request_shutdown()
+    for state in list(_live_states):
+        if state.pid == os.getpid() and state.manager is not None:
+            state.manager.join()
+
+
+def _after_fork_in_child() -> None:
+    _live_states.clear()
+
+
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _PoolState:
+    """Everything the executor's threads share. Holds no reference to the executor."""
+
+    def __init__(self, *, key: int | None, max_workers: int, mode: Mode, mp_context: Any,
+                 initializer: bytes | None, max_tasks_per_child: int | None,
+                 queue_mode: int):
+        self.pid = os.getpid()
+        self.token = _RNG.getrandbits(64) or 1
+        self.mode = mode
+        self.targeted = mode == Mode.TARGETED
+        self.max_workers = max_workers
+        self.ctx = mp_context
+        self.initializer = initializer
+        self.max_tasks_per_child = max_tasks_per_child
+        self.explicit_key = key is not None
+        self.lock = threading.RLock()
+        self.backlog: collections.deque[_WorkItem] = collections.deque()
+        self.pending: dict[int, _WorkItem] = {}
+        self.outstanding = [0] * max_workers
+        self.ids = itertools.count(1)
+        self.processes: dict[int, multiprocessing.process.BaseProcess] = {}
+        self.shutdown_requested = False
+        self.cancel_requested = False
+        self.terminating = False
+        self.broken: str | None = None
+        self.closed = False
+        self.inline_max = msgmax() - HEADER_SIZE
+        self.subdir = spill.producer_subdir(self.pid, self.token)
+        self.task_subdir = spill.key_subdir(key) if key is not None else self.subdir
+        self.task_queue: sysv_ipc.MessageQueue | None = None
+        self.reply_queue: sysv_ipc.MessageQueue | None = None
+        self.board: Scoreboard | None = None
+        self.collector: threading.Thread | None = None
+        self.manager: threading.Thread | None = None
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            for index in range(len(spill.spill_roots())):
+                spill.ensure_subdir(index, self.subdir)
+                if self.task_subdir != self.subdir:
+                    spill.ensure_subdir(index, self.task_subdir)
+            self.reply_queue = queues.create_private()
+            if key is None:
+                self.task_queue = queues.create_private(queue_mode)
+            else:
+                self.task_queue = queues.open_queue(key, create=True, mode=queue_mode)
+            self.board = Scoreboard(
+                os.path.join(spill.root_dir(0), self.subdir, "scoreboard"),
+                max_workers, create=True)
+        except BaseException:
+            self.release_resources()
+            raise
+
+    # -- resources ---------------------------------------------------------------
+    def release_resources(self) -> None:
+        """Remove the reply queue, a private task queue and this producer's spill
+        directory; close the wake-up pipe. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        queues.remove_quietly(self.reply_queue)
+        if not self.explicit_key:
+            queues.remove_quietly(self.task_queue)
+        if self.board is not None:
+            self.board.close()
+        spill.remove_subdir(self.subdir)
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"\0")
+        except OSError:  # full (already woken) or closed
+            pass
+
+    # -- workers -----------------------------------------------------------------
+    def spawn(self, wid: int) -> None:
+        assert self.task_queue is not None and self.reply_queue is not None
+        assert self.board is not None
+        cfg = WorkerConfig(
+            worker_id=wid, task_key=self.task_queue.key, targeted=self.targeted,
+            owner_pid=self.pid, owner_token=self.token,
+            owner_reply_key=self.reply_queue.key, scoreboard_path=self.board.path,
+            initializer=self.initializer, max_tasks=self.max_tasks_per_child,
+            private_queue=not self.explicit_key, owner_subdir=self.subdir,
+            spill_env=os.environ.get(spill.ENV_SPILL_DIR))
+        self.board.idle(wid)
+        p = self.ctx.Process(target=run_worker, args=(cfg,),
+                             name=f"mqexecutor-worker-{wid}")
+        p.start()
+        self.processes[wid] = p
+
+    def signal_workers(self, signum: int) -> None:
+        for p in list(self.processes.values()):
+            if p.pid is not None and p.exitcode is None:
+                try:
+                    os.kill(p.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def stop_workers(self) -> None:
+        """Ask every worker to stop after its current task; wait until all exited."""
+        while True:
+            alive = [p for p in self.processes.values() if p.exitcode is None]
+            if not alive:
+                break
+            self.signal_workers(STOP_SIGNAL)
+            for p in alive:
+                p.join(0.05)
+        for p in self.processes.values():
+            p.join()
+
+    # -- sending -------------------------------------------------------------------
+    def feed(self) -> bool:
+        """Move tasks from the backlog to the kernel queue while there is room.
+        Returns True when the backlog is empty."""
+        queue = self.task_queue
+        with self.lock:
+            backlog = self.backlog
+            while backlog:
+                item = backlog[0]
+                fut = item.future
+                if fut.cancelled():
+                    backlog.popleft()
+                    self.forget(item)
+                    fut.set_running_or_notify_cancel()
+                    continue
+                try:
+                    queue.send(item.message, block=False, type=item.mtype)
+                except sysv_ipc.BusyError:
+                    return False
+                except sysv_ipc.Error as exc:
+                    if type(exc) is sysv_ipc.Error:  # EINTR: try again later
+                        return False
+                    backlog.popleft()
+                    self.forget(item)
+                    fut.set_exception(BrokenMQPool(f"the task queue is gone: {exc}"))
+                    continue
+                backlog.popleft()
+                item.message = b""
+                fut.set_running_or_notify_cancel()
+            return True
+
+    def forget(self, item: _WorkItem) -> None:
+        """Drop a task that will not run (caller holds the lock)."""
+        self.pending.pop(item.future.task_id, None)
+        if item.worker >= 0:
+            self.outstanding[item.worker] -= 1
+        if item.spill_ref:
+            spill.discard(item.spill_ref)
+            item.spill_ref = None
+
+    def withdraw_queued(self) -> None:
+        """Take this executor's tasks back from the kernel queue and cancel them
+        (shutdown with cancel_futures=True). Other producers' tasks go back."""
+        queue = self.task_queue
+        if queue is None:
+            return
+        mtypes = ([targeted_mtype(w) for w in range(self.max_workers)]
+                  if self.targeted else [PREEMPTIVE_MTYPE])
+        foreign: list[tuple[bytes, int]] = []
+        with self.lock:
+            for mtype in mtypes:
+                while True:
+                    try:
+                        raw, got = queue.receive(block=False, type=mtype)
+                    except sysv_ipc.Error:
+                        break
+                    try:
+                        h = unpack_header(raw)
+                    except ProtocolError:
+                        foreign.append((raw, got))
+                        continue
+                    if h.token != self.token:
+                        foreign.append((raw, got))
+                        continue
+                    item = self.pending.get(h.task_id)
+                    if item is None:
+                        continue
+                    if item.future._withdraw():
+                        self.forget(item)
+                        if h.flags & Flag.SPILL:
+                            spill.discard(raw[HEADER_SIZE:].decode("ascii", "replace"))
+        for raw, mtype in foreign:
+            for _ in range(200):
+                try:
+                    queue.send(raw, block=False, type=mtype)
+                    break
+                except sysv_ipc.BusyError:
+                    time.sleep(0.005)
+                except sysv_ipc.Error:
+                    break
+
+    def cancel_backlog(self) -> None:
+        with self.lock:
+            while self.backlog:
+                item = self.backlog.popleft()
+                self.forget(item)
+                if item.future.cancel():
+                    item.future.set_running_or_notify_cancel()
+
+    # -- outcomes --------------------------------------------------------------------
+    def take(self, task_id: int) -> _WorkItem | None:
+        with self.lock:
+            item = self.pending.pop(task_id, None)
+            if item is not None and item.worker >= 0:
+                self.outstanding[item.worker] -= 1
+            return item
+
+    def break_pool(self, message: str) -> None:
+        """Fail every pending Future with BrokenMQPool; later submits raise it."""
+        with self.lock:
+            if self.broken is None:
+                self.broken = message
+            items = list(self.pending.values())
+            self.pending.clear()
+            self.backlog.clear()
+            self.outstanding = [0] * self.max_workers
+        for item in items:
+            if item.spill_ref:
+                spill.discard(item.spill_ref)
+            fut = item.future
+            if not fut.done():
+                try:
+                    fut.set_exception(BrokenMQPool(message))
+                except _futures_base.InvalidStateError:
+                    pass
+        self.wake()
+
+    def request_shutdown(self, cancel_futures: bool = False) -> None:
+        with self.lock:
+            self.shutdown_requested = True
+            if cancel_futures:
+                self.cancel_requested = True
+        if cancel_futures:
+            self.cancel_backlog()
+            self.withdraw_queued()
+        self.wake()
+
+
+def _set_outcome(item: _WorkItem, fut: MQFuture, status: int, value: Any,
+                 worker: int) -> None:
+    try:
+        if status == Status.OK:
+            fut.set_result(value)
+        elif status == Status.RAISED:
+            exc, tb = value
+            if tb:
+                exc.__cause__ = RemoteTraceback(tb)
+            fut.set_exception(exc)
+        elif status == Status.BAD_TASK:
+            exc, tb = value
+            if tb:
+                exc.__cause__ = RemoteTraceback(tb)
+            err = TaskUnpicklingError(
+                f"task {fut.task_id} ({fut.fn_name}) could not be read by task worker "
+                f"{worker}: {type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+            fut.set_exception(err)
+        elif status == Status.WORKER_DIED:
+            fut.set_exception(value)
+        else:
+            fut.set_exception(BrokenMQPool(f"unexpected result status {status}"))
+    except _futures_base.InvalidStateError:
+        pass  # cancelled or failed meanwhile
+
+
+def _collector_loop(state: _PoolState) -> None:
+    """Drain the reply queue for good: complete Futures, refill the task queue."""
+    queue = state.reply_queue
+    assert queue is not None
+    while True:
+        try:
+            raw, _mtype = queue.receive()
+        except sysv_ipc.ExistentialError:
+            return  # the reply queue was removed: shutdown is complete
+        except sysv_ipc.Error:
+            continue  # EINTR
+        except OSError as exc:
+            if exc.errno == errno.E2BIG:  # not ours: our messages fit msgmax
+                try:
+                    queue.receive(block=False)
+                except Exception:  # noqa: BLE001
+                    pass
+                continue
+            raise
+        try:
+            _handle_result(state, raw)
+        except BaseException:  # noqa: BLE001 - the collector must not die
+            traceback.print_exc()
+        if state.backlog:
+            state.feed()
+
+
+def _handle_result(state: _PoolState, raw: bytes) -> None:
+    try:
+        h = unpack_header(raw)
+    except ProtocolError:
+        return
+    spilled = bool(h.flags & Flag.SPILL)
+    body = memoryview(raw)[HEADER_SIZE:]
+    if h.kind != Kind.RESULT or h.token != state.token:
+        if spilled and h.token == state.token:
+            spill.discard(bytes(body).decode("ascii", "replace"))
+        return
+    if h.status == Status.INIT_FAILED:
+        try:
+            exc, tb = codec.loads(body, spilled)
+            what = f"{type(exc).__name__}: {exc}"
+        except BaseException as err:  # noqa: BLE001
+            what = f"an exception that could not be unpickled ({err!r})"
+            tb = ""
+        state.break_pool(f"the initializer of task worker {h.worker} raised {what}; "
+                         f"the pool is not usable anymore\n{tb}")
+        return
+    item = state.take(h.task_id)
+    if item is None:
+        if spilled:
+            spill.discard(bytes(body).decode("ascii", "replace"))
+        return
+    fut = item.future
+    try:
+        value = codec.loads(body, spilled)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
+        err = ResultUnpicklingError(
+            f"the result of task {fut.task_id} ({fut.fn_name}) could not be unpickled: "
+            f"{type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        try:
+            fut.set_exception(err)
+        except _futures_base.InvalidStateError:
+            pass
+        return
+    _set_outcome(item, fut, h.status, value, h.worker)
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "an unknown status"
+    if exitcode < 0:
+        import signal as _signal
+        try:
+            name = _signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"signal {name}"
+    return f"exit code {exitcode}"
+
+
+def _worker_exited(state: _PoolState, wid: int) -> None:
+    """A worker process ended: fail the task it was running, then replace it."""
+    p = state.processes[wid]
+    p.join()
+    assert state.board is not None
+    slot = state.board.read(wid)
+    state.board.idle(wid)
+    if slot.state == BUSY:
+        reason = _describe_exit(p.exitcode)
+        if slot.token == state.token:
+            item = state.take(slot.task_id)
+            if item is not None and not item.future.done():
+                fut = item.future
+                err = TerminatedWorkerError(
+                    f"task worker {wid} (pid {p.pid}) died with {reason} while running "
+                    f"task {slot.task_id} ({fut.fn_name})", worker_id=wid, pid=p.pid or 0,
+                    exitcode=p.exitcode, task_id=slot.task_id, fn_name=fut.fn_name)
+                try:
+                    fut.set_exception(err)
+                except _futures_base.InvalidStateError:
+                    pass
+        else:
+            _tell_producer(state, wid, p, slot, reason)
+    if p.exitcode == EXIT_INIT_FAILED:
+        return  # the collector breaks the pool with the initializer's error
+    if state.broken is not None or state.terminating:
+        return
+    try:
+        p.close()
+    except ValueError:
+        pass
+    try:
+        state.spawn(wid)
+    except Exception as exc:  # noqa: BLE001
+        state.break_pool(f"could not start a replacement for task worker {wid}: {exc!r}")
+
+
+def _tell_producer(state: _PoolState, wid: int, p: Any, slot: Any, reason: str) -> None:
+    """Tell another producer (MQExecutor.attach) that its task died with a worker."""
+    err = TerminatedWorkerError(
+        f"task worker {wid} (pid {p.pid}) died with {reason} while running task "
+        f"{slot.task_id}", worker_id=wid, pid=p.pid or 0, exitcode=p.exitcode,
+        task_id=slot.task_id)
+    try:
+        body, spilled = codec.dumps(err, state.inline_max,
+                                    spill.producer_subdir(slot.producer_pid, slot.token))
+        msg = pack_header(Kind.RESULT, Flag.SPILL if spilled else 0, Status.WORKER_DIED,
+                          slot.task_id, slot.token, 0, p.pid or 0, wid, len(body)) + body
+        queues.open_queue(slot.reply, create=False).send(msg, block=False)
+    except (sysv_ipc.Error, OSError):
+        pass
+
+
+def _manager_loop(state: _PoolState) -> None:
+    """Watch workers, poll the backlog, and tear down at shutdown."""
+    delay = 0.001
+    try:
+        while True:
+            with state.lock:
+                sentinels = {p.sentinel: wid for wid, p in state.processes.items()
+                             if p.exitcode is None}
+                backlog = bool(state.backlog)
+            timeout = delay if backlog else None
+            ready = multiprocessing.connection.wait(list(sentinels) + [state.wake_r],
+                                                    timeout)
+            if state.wake_r in ready:
+                try:
+                    while os.read(state.wake_r, 4096):
+                        pass
+                except OSError:
+                    pass
+            for sentinel in ready:
+                wid = sentinels.get(sentinel)
+                if wid is not None:
+                    _worker_exited(state, wid)
+            if backlog:
+                delay = 0.001 if state.feed() else min(delay * 2, 0.02)
+            if state.broken is not None:
+                break
+            if state.shutdown_requested:
+                with state.lock:
+                    idle = not state.pending
+                if idle:
+                    break
+                if state.terminating and all(p.exitcode is not None
+                                             for p in state.processes.values()):
+                    state.break_pool("the task workers were terminated")
+                    break
+    finally:
+        state.stop_workers()
+        state.release_resources()
+        if state.collector is not None and state.collector is not threading.current_thread():
+            state.collector.join()
+
+
+class MQExecutor(Executor):
+    """A process pool fed by a System V message queue; a drop-in replacement for
+    ``concurrent.futures.ProcessPoolExecutor`` on Linux.
+
+    Args:
+        key (int | None): SysV key of the task queue. None (default): a fresh
+            private queue, removed at shutdown. An int: that key's queue, created
+            (with ``queue_mode``) if absent and kept after shutdown, so tasks left
+            in it survive the executor (Swoole's ``message_queue_key``).
+            :func:`mqexecutor.ftok` turns a path into a key.
+        max_workers (int | None): number of task worker processes; None means the
+            number of CPUs this process may use.
+        mode (Mode | int): ``Mode.PREEMPTIVE`` (3, default): workers compete for
+            every task. ``Mode.TARGETED`` (2): worker i receives message type i + 1
+            and ``submit_to`` chooses the worker. Named after Swoole's task_ipc_mode.
+        initializer (callable | None), initargs (tuple): run once in each worker
+            at start, as ProcessPoolExecutor. If it raises, the pool is broken.
+        max_tasks_per_child (int | None): a worker exits after this many tasks and
+            is replaced under the same worker id (Swoole's task_max_request).
+        mp_context: a ``multiprocessing`` context to start workers with; default
+            ``fork`` (fast start; workers re-forked later from a helper thread).
+        queue_mode (int): permission bits of a queue this executor creates
+            (default 0o600: only this user can post tasks, i.e. run code).
+
+    Raises:
+        ValueError: ``max_workers`` <= 0, an unknown ``mode``, or
+            ``max_tasks_per_child`` < 1.
+        TypeError: ``initializer`` not callable, ``key`` not an int.
+        sysv_ipc.PermissionsError: the queue of ``key`` belongs to someone else.
+        OSError: the kernel refused to create a queue (e.g. msgmni reached).
+    """
+
+    def __init__(self, key: int | None = None, max_workers: int | None = None, *,
+                 mode: Mode | int = Mode.PREEMPTIVE, initializer: Callable | None = None,
+                 initargs: tuple = (), max_tasks_per_child: int | None = None,
+                 mp_context: Any = None, queue_mode: int = 0o600):
+        if key is not None:
+            if isinstance(key, bool) or not isinstance(key, int):
+                raise TypeError(f"key must be an int SysV key or None, not {key!r}")
+            key = queues.parse_key(key)
+            if key == 0:
+                raise ValueError("key 0 is IPC_PRIVATE; pass key=None for a private queue")
+        if max_workers is None:
+            max_workers = _cpu_count()
+        elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
+            raise TypeError(f"max_workers must be an int, not {max_workers!r}")
+        if max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        try:
+            mode = Mode(mode)
+        except ValueError:
+            raise ValueError(f"mode must be Mode.TARGETED (2) or Mode.PREEMPTIVE (3), "
+                             f"not {mode!r}") from None
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            if isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        if mp_context is None:
+            mp_context = multiprocessing.get_context("fork")
+        init_bytes = None
+        if initializer is not None:
+            init_bytes = codec.cloudpickle.dumps((initializer, tuple(initargs)),
+                                                 protocol=codec.PROTOCOL)
+        self._mode = mode
+        self._max_workers = max_workers
+        self._key = key
+        state = _PoolState(key=key, max_workers=max_workers, mode=mode,
+                           mp_context=mp_context, initializer=init_bytes,
+                           max_tasks_per_child=max_tasks_per_child, queue_mode=queue_mode)
+        self._state = state
+        try:
+            for wid in range(max_workers):
+                state.spawn(wid)
+        except BaseException:
+            state.terminating = True
+            state.signal_workers(9)
+            for p in state.processes.values():
+                p.join()
+            state.release_resources()
+            raise
+        state.collector = threading.Thread(target=_collector_loop, args=(state,),
+                                           name="mqexecutor-collector", daemon=True)
+        state.manager = threading.Thread(target=_manager_loop, args=(state,),
+                                         name="mqexecutor-manager", daemon=True)
+        state.collector.start()
+        state.manager.start()
+        _live_states.add(state)
+        self._executor_manager_thread = state.manager
+        weakref.finalize(self, _PoolState.request_shutdown, state)
+
+    # -- properties --------------------------------------------------------------
+    @property
+    def key(self) -> int:
+        """SysV key of the task queue (a random key for a private queue)."""
+        assert self._state.task_queue is not None
+        return self._state.task_queue.key
+
+    @property
+    def msqid(self) -> int:
+        """Kernel id of the task queue."""
+        assert self._state.task_queue is not None
+        return self._state.task_queue.id
+
+    @property
+    def mode(self) -> Mode:
+        """The executor's :class:`Mode`."""
+        return self._mode
+
+    @property
+    def max_workers(self) -> int:
+        """Number of task workers."""
+        return self._max_workers
+
+    @property
+    def _processes(self) -> dict[int, Any]:
+        """Worker processes by pid (as ProcessPoolExecutor's private attribute)."""
+        return {p.pid: p for p in self._state.processes.values()}
+
+    # -- submitting --------------------------------------------------------------
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> MQFuture:
+        """Schedule ``fn(*args, **kwargs)`` and return its :class:`MQFuture`.
+
+        Never blocks because the kernel queue is full: the task then waits in
+        this process. In targeted mode the worker with the fewest outstanding
+        tasks is chosen.
+
+        Raises:
+            RuntimeError: after ``shutdown()`` or interpreter shutdown.
+            BrokenMQPool: the pool is broken (a worker's initializer raised).
+        A call that cannot be pickled does not raise here: its Future fails with
+        the pickling error, as in ProcessPoolExecutor.
+        """
+        return self._submit(fn, args, kwargs, None)
+
+    def submit_to(self, worker_id: int, fn: Callable, /, *args: Any,
+                  **kwargs: Any) -> MQFuture:
+        """Run ``fn(*args, **kwargs)`` on task worker ``worker_id`` (Swoole
+        task_ipc_mode 2: ``$serv->task($data, $dst_worker_id)``).
+
+        Args:
+            worker_id (int): 0..max_workers-1.
+
+        Raises:
+            QueueModeError (a ValueError): the executor is not Mode.TARGETED
+                (Swoole ignores the target in mode 3; mqexecutor refuses).
+            ValueError: ``worker_id`` out of range.
+            RuntimeError, BrokenMQPool: as :meth:`submit`.
+        """
+        if self._mode != Mode.TARGETED:
+            raise QueueModeError("submit_to() sends to one worker and needs "
+                                 "mode=Mode.TARGETED; this executor is Mode.PREEMPTIVE")
+        if (isinstance(worker_id, bool) or not isinstance(worker_id, int)
+                or not 0 <= worker_id < self._max_workers):
+            raise ValueError(f"worker_id must be in 0..{self._max_workers - 1}, "
+                             f"not {worker_id!r}")
+        return self._submit(fn, args, kwargs, worker_id)
+
+    def _check_open(self) -> None:
+        state = self._state
+        if state.broken is not None:
+            raise BrokenMQPool(state.broken)
+        if state.shutdown_requested:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _interpreter_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def _submit(self, fn: Callable, args: tuple, kwargs: dict,
+                target: int | None) -> MQFuture:
+        state = self._state
+        self._check_open()
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        fut = MQFuture(0, _fn_name(fn), state.lock)
+        try:
+            body, spilled = codec.dumps((fn, args, kwargs), state.inline_max,
+                                        state.task_subdir)
+        except Exception as exc:  # noqa: BLE001 - fails the Future, as ProcessPoolExecutor
+            fut.set_exception(exc)
+            return fut
+        spill_ref = body.decode("ascii") if spilled else None
+        flags = (Flag.SPILL if spilled else 0) | (Flag.TARGETED if state.targeted else 0)
+        with state.lock:
+            try:
+                self._check_open()
+            except BaseException:
+                if spill_ref:
+                    spill.discard(spill_ref)
+                raise
+            task_id = next(state.ids)
+            fut.task_id = task_id
+            if state.targeted:
+                if target is None:
+                    out = state.outstanding
+                    target = min(range(len(out)), key=out.__getitem__)
+                state.outstanding[target] += 1
+                fut.worker_id = target
+                mtype, worker = targeted_mtype(target), target
+            else:
+                mtype, worker = PREEMPTIVE_MTYPE, -1
+            assert state.reply_queue is not None
+            message = pack_header(Kind.TASK, flags, 0, task_id, state.token,
+                                  state.reply_queue.key, state.pid, worker,
+                                  len(body)) + body
+            item = _WorkItem(fut, message, mtype, worker, spill_ref)
+            state.pending[task_id] = item
+            state.backlog.append(item)
+            if not state.feed():
+                state.wake()
+        return fut
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
+            chunksize: int = 1, buffersize: int | None = None) -> Iterator:
+        """Ordered, lazy ``map(fn, *iterables)`` run by the workers, as Python
+        3.14's ProcessPoolExecutor.map.
+
+        Args:
+            timeout (float | None): seconds, counted from this call, after which
+                the iterator raises TimeoutError (and cancels what is left).
+            chunksize (int): argument tuples sent per task (>= 1).
+            buffersize (int | None): at most this many tasks (chunks) submitted
+                ahead of the result being read; None submits everything now.
+
+        Raises:
+            ValueError: chunksize < 1 or buffersize < 1.
+            TypeError: buffersize not an int.
+        Exceptions of ``fn`` are raised by the iterator when their item is reached.
+        """
+        if buffersize is not None:
+            if isinstance(buffersize, bool) or not isinstance(buffersize, int):
+                raise TypeError("buffersize must be an integer or None")
+            if buffersize < 1:
+                raise ValueError("buffersize must be None or > 0")
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end = None if timeout is None else time.monotonic() + timeout
+        args_iter: Iterator = zip(*iterables)
+        if chunksize > 1:
+            args_iter = _chunks(args_iter, chunksize)
+
+        def submit_one(executor: "MQExecutor", a: Any) -> MQFuture:
+            if chunksize > 1:
+                return executor.submit(_process_chunk, fn, a)
+            return executor.submit(fn, *a)
+
+        if buffersize:
+            fs = collections.deque(submit_one(self, a)
+                                   for a in itertools.islice(args_iter, buffersize))
+        else:
+            fs = collections.deque(submit_one(self, a) for a in args_iter)
+        # A weak reference lets the executor be garbage-collected while the
+        # iterator lives, as in CPython.
+        ref = weakref.ref(self)
+        del self
+
+        def results() -> Iterator:
+            try:
+                while fs:
+                    if buffersize:
+                        executor = ref()
+                        if executor is not None:
+                            nxt = next(args_iter, None)
+                            if nxt is not None:
+                                fs.append(submit_one(executor, nxt))
+                        del executor
+                    fut = fs.popleft()
+                    try:
+                        value = fut.result(None if end is None else end - time.monotonic())
+                    except BaseException:
+                        fut.cancel()
+                        raise
+                    finally:
+                        del fut
+                    if chunksize > 1:
+                        yield from value
+                    else:
+                        yield value
+            finally:
+                for f in fs:
+                    f.cancel()
+        return results()
+
+    # -- stopping ----------------------------------------------------------------
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks and release the pool, as ProcessPoolExecutor.
+
+        Args:
+            wait (bool): block until pending tasks are done and every worker
+                process has exited.
+            cancel_futures (bool): cancel tasks that no worker has taken yet,
+                also those already in the kernel queue.
+
+        Queues and spill files of this executor are removed once the last task
+        is done; the queue of an explicit key is kept. Calling it again is harmless.
+        """
+        state = self._state
+        state.request_shutdown(cancel_futures)
+        if wait and state.manager is not None and state.manager is not threading.current_thread() \
+                and state.collector is not threading.current_thread():
+            state.manager.join()
+
+    def _force_shutdown(self, signum: int) -> None:
+        state = self._state
+        state.terminating = True
+        self.shutdown(wait=False, cancel_futures=True)
+        state.signal_workers(signum)
+
+    def terminate_workers(self) -> None:
+        """Shut down and send SIGTERM to every worker, as Python 3.14's
+        ProcessPoolExecutor.terminate_workers. Tasks they were running fail with
+        TerminatedWorkerError; tasks not yet taken are cancelled."""
+        import signal as _signal
+        self._force_shutdown(_signal.SIGTERM)
+
+    def kill_workers(self) -> None:
+        """As :meth:`terminate_workers`, with SIGKILL (Python 3.14)."""
+        import signal as _signal
+        self._force_shutdown(_signal.SIGKILL)
+
+
+def _chunks(iterator: Iterator, size: int) -> Iterator[list]:
+    while True:
+        chunk = list(itertools.islice(iterator, size))
+        if not chunk:
+            return
+        yield chunk

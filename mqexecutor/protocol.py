@@ -1,0 +1,145 @@
+"""The wire format: one fixed 40-byte header in front of every message.
+
+Every message mqexecutor puts on a System V queue, task or result, starts with
+this header (little-endian, no padding; ``struct`` format ``HEADER_FORMAT``)::
+
+    offset size field     meaning
+    0      2    magic     b"MQ"
+    2      1    version   WIRE_VERSION (1); a worker refuses other versions
+    3      1    kind      Kind: TASK, RESULT
+    4      2    flags     Flag bits: SPILL, TARGETED, ...
+    6      2    status    Status of a RESULT; 0 in a TASK
+    8      8    task_id   unsigned; unique per producer
+    16     8    token     unsigned; random id of the producing executor
+    24     4    reply     signed key_t of the producer's reply queue
+    28     4    pid       producer pid (TASK) or worker pid (RESULT)
+    32     4    worker    target worker id, -1 for any (TASK); worker id (RESULT)
+    36     4    length    bytes of body that follow the header
+
+The body is a pickle (protocol 5) or, when ``Flag.SPILL`` is set, the
+reference of a spill file (see :mod:`mqexecutor.spill`). docs/protocol.md
+describes the format for producers written in other languages.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from typing import NamedTuple
+
+__all__ = [
+    "MAGIC", "WIRE_VERSION", "HEADER_FORMAT", "HEADER_SIZE", "Kind", "Flag", "Status",
+    "Header", "ProtocolError", "pack_header", "unpack_header", "PREEMPTIVE_MTYPE",
+    "RESULT_MTYPE", "CONTROL_MTYPE", "targeted_mtype",
+]
+
+MAGIC = b"MQ"
+WIRE_VERSION = 1
+HEADER_FORMAT = "<2sBBHHQQiiiI"
+HEADER_SIZE = struct.calcsize(HEADER_FORMAT)
+_HEADER = struct.Struct(HEADER_FORMAT)
+assert HEADER_SIZE == 40
+
+#: Message type of tasks sent in preemptive mode. Preemptive workers receive with
+#: msgtyp 0 (any type), as Swoole's task_ipc_mode 3 does, so this value matters
+#: only to tools that read the queue.
+PREEMPTIVE_MTYPE = 1
+#: Message type of results on a producer's reply queue.
+RESULT_MTYPE = 1
+#: Message type of control messages on a producer's reply queue (collector stop).
+CONTROL_MTYPE = 2
+
+
+def targeted_mtype(worker_id: int) -> int:
+    """Message type that worker ``worker_id`` receives in targeted mode.
+
+    As Swoole's task_ipc_mode 2: mtype = worker id + 1 (mtype must be > 0).
+    """
+    return worker_id + 1
+
+
+class Kind(enum.IntEnum):
+    """What a message carries."""
+
+    TASK = 1
+    RESULT = 2
+
+
+class Flag(enum.IntFlag):
+    """Bits of the header's ``flags`` field."""
+
+    NONE = 0
+    #: The body is a spill-file reference, not the pickle itself.
+    SPILL = 0x0001
+    #: The task was sent in targeted mode (Mode.TARGETED); preemptive workers refuse it.
+    TARGETED = 0x0002
+    #: The task's body is a list of calls; its result a list of outcomes.
+    BATCH = 0x0004
+
+
+class Status(enum.IntEnum):
+    """Outcome carried by a RESULT message."""
+
+    #: The body pickles the return value.
+    OK = 0
+    #: The body pickles (exception, traceback text) raised by the task.
+    RAISED = 1
+    #: The worker could not read the task (unpickling or spill file failed);
+    #: the body pickles (exception, traceback text).
+    BAD_TASK = 2
+    #: The worker died running the task; the body pickles a dict of details.
+    WORKER_DIED = 3
+    #: A worker's initializer raised; the body pickles (exception, traceback text).
+    INIT_FAILED = 4
+
+
+class ProtocolError(ValueError):
+    """A message is not a valid mqexecutor message (bad magic, version, size...)."""
+
+
+class Header(NamedTuple):
+    """The decoded header of one message (see the module docstring)."""
+
+    kind: int
+    flags: int
+    status: int
+    task_id: int
+    token: int
+    reply: int
+    pid: int
+    worker: int
+    length: int
+    version: int = WIRE_VERSION
+
+
+def pack_header(kind: int, flags: int, status: int, task_id: int, token: int,
+                reply: int, pid: int, worker: int, length: int) -> bytes:
+    """Encode a header; returns ``HEADER_SIZE`` (40) bytes."""
+    return _HEADER.pack(MAGIC, WIRE_VERSION, kind, flags, status, task_id, token,
+                        reply, pid, worker, length)
+
+
+def unpack_header(data: bytes | memoryview) -> Header:
+    """Decode and check the header at the start of ``data``.
+
+    Raises:
+        ProtocolError: when ``data`` is shorter than a header, the magic is not
+            b"MQ", the version is not ``WIRE_VERSION``, the kind is unknown, or
+            ``length`` disagrees with the size of the body.
+    """
+    if len(data) < HEADER_SIZE:
+        raise ProtocolError(f"message of {len(data)} bytes is shorter than the "
+                            f"{HEADER_SIZE}-byte header")
+    (magic, version, kind, flags, status, task_id, token, reply, pid, worker,
+     length) = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r} (expected {MAGIC!r})")
+    if version != WIRE_VERSION:
+        raise ProtocolError(f"wire version {version} is not supported "
+                            f"(this mqexecutor speaks version {WIRE_VERSION})")
+    if kind not in (Kind.TASK, Kind.RESULT):
+        raise ProtocolError(f"unknown message kind {kind}")
+    if length != len(data) - HEADER_SIZE:
+        raise ProtocolError(f"header says {length} body bytes, message has "
+                            f"{len(data) - HEADER_SIZE}")
+    return Header(kind, flags, status, task_id, token, reply, pid, worker, length,
+                  version)

@@ -1,0 +1,105 @@
+"""System V message queues: creating, opening, sending without blocking, removing.
+
+A thin layer over ``sysv_ipc.MessageQueue`` that always passes the kernel's
+msgmax as ``max_message_size`` (sysv_ipc's default of 2048 bytes would make
+larger messages fail), creates queues with mode 0600 unless asked, and turns
+sysv_ipc's errors into messages that name the key.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import sysv_ipc
+
+from .limits import msgmax
+
+__all__ = ["ftok", "open_queue", "create_private", "remove_quietly", "parse_key",
+           "QueueGone", "QueueFull"]
+
+QueueGone = sysv_ipc.ExistentialError
+QueueFull = sysv_ipc.BusyError
+
+_rng = random.SystemRandom()
+
+
+def ftok(path: str, proj_id: int = 1) -> int:
+    """Turn an existing path and a project id (1..255) into a SysV key, as ftok(3).
+
+    Returns:
+        int: the key (may be negative when read as a signed key_t).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``proj_id`` is outside 1..255.
+    """
+    if not 1 <= proj_id <= 255:
+        raise ValueError(f"proj_id must be in 1..255, not {proj_id}")
+    os.stat(path)  # FileNotFoundError names the path
+    return sysv_ipc.ftok(path, proj_id, silence_warning=True)
+
+
+def parse_key(text: str | int) -> int:
+    """A SysV key from an int or a string in decimal or 0x hex (as ``ipcs`` prints).
+
+    Raises:
+        ValueError: not a number, or outside the 32-bit key_t range.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        key = text
+    else:
+        try:
+            key = int(str(text).strip(), 0)
+        except ValueError:
+            raise ValueError(f"key {text!r} is not a number (decimal or 0x hex)") from None
+    if key > 0x7FFFFFFF:  # ipcs prints keys as unsigned hex
+        key -= 1 << 32
+    if not -(1 << 31) <= key <= 0x7FFFFFFF:
+        raise ValueError(f"key {text!r} does not fit in a 32-bit key_t")
+    return key
+
+
+def open_queue(key: int, *, create: bool = True, mode: int = 0o600) -> sysv_ipc.MessageQueue:
+    """Open the queue of ``key``, creating it (with ``mode``) when absent and ``create``.
+
+    Raises:
+        sysv_ipc.ExistentialError: no queue has this key and ``create`` is False.
+        sysv_ipc.PermissionsError: the queue exists and this user may not use it.
+    """
+    flags = sysv_ipc.IPC_CREAT if create else 0
+    try:
+        return sysv_ipc.MessageQueue(key, flags, mode=mode, max_message_size=msgmax())
+    except sysv_ipc.ExistentialError:
+        raise sysv_ipc.ExistentialError(f"no message queue has key {key} "
+                                        f"(0x{key & 0xFFFFFFFF:08x})") from None
+    except sysv_ipc.PermissionsError:
+        raise sysv_ipc.PermissionsError(
+            f"permission denied on the message queue of key {key} "
+            f"(0x{key & 0xFFFFFFFF:08x})") from None
+
+
+def create_private(mode: int = 0o600) -> sysv_ipc.MessageQueue:
+    """Create a new queue under a fresh random key nobody else uses.
+
+    The key is random (not IPC_PRIVATE) so that any process of this user, e.g.
+    a worker started with ``spawn``, can open the queue by key. ``IPC_EXCL``
+    guarantees the key was free.
+    """
+    for _ in range(64):
+        key = _rng.randrange(0x10000, 0x7FFFFFFF)
+        try:
+            return sysv_ipc.MessageQueue(key, sysv_ipc.IPC_CREX, mode=mode,
+                                         max_message_size=msgmax())
+        except sysv_ipc.ExistentialError:
+            continue
+    raise OSError("could not find a free SysV key in 64 tries")
+
+
+def remove_quietly(queue: sysv_ipc.MessageQueue | None) -> None:
+    """Remove ``queue`` from the kernel; ignore a queue that is already gone."""
+    if queue is None:
+        return
+    try:
+        queue.remove()
+    except (sysv_ipc.ExistentialError, sysv_ipc.PermissionsError):
+        pass

@@ -1,0 +1,380 @@
+"""The task worker process: receive a task message, run it, send the result.
+
+One worker is one process started by the pool owner (an ``MQExecutor`` or
+``mqexecutor serve``). Its loop::
+
+    msgrcv(task queue, mtype)         # preemptive: 0 (any); targeted: worker id + 1
+      -> check header (else: log and set aside, never crash)
+      -> mark the scoreboard slot busy (task id, producer token, reply key)
+      -> unpickle the call (from the message, or from a spill file it unlinks)
+      -> run fn(*args, **kwargs)
+      -> pickle the outcome (spilled into the producer's directory when large)
+      -> msgsnd(producer's reply queue)  # never the task queue: no deadlock
+      -> mark the slot idle; exit after max_tasks_per_child tasks
+
+Stopping: the owner sends SIGUSR1 (repeatedly, to close the race with msgrcv).
+The worker finishes the task it runs, never takes another, and exits; a message
+received after the stop request is put back on the queue. A watchdog thread
+does the same when the owner process dies (pidfd), so leftover tasks wait for
+the next owner. SIGINT is ignored: Ctrl-C is the owner's to handle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import faulthandler
+import os
+import pickle
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import sysv_ipc
+
+from . import codec, spill
+from .limits import msgmax
+from .protocol import (HEADER_SIZE, RESULT_MTYPE, Flag, Kind, ProtocolError, Status,
+                       pack_header, unpack_header)
+from .scoreboard import Scoreboard
+
+__all__ = ["worker_id", "current_task_id", "WorkerConfig", "run_worker", "EXIT_INIT_FAILED"]
+
+#: Exit status of a worker whose initializer raised.
+EXIT_INIT_FAILED = 3
+STOP_SIGNAL = signal.SIGUSR1
+
+_worker_id: int | None = None
+_task_id: int | None = None
+_stop = False
+_owner_dead = False
+
+
+def worker_id() -> int | None:
+    """Id (0..max_workers-1) of the task worker running the calling code.
+
+    Returns None outside a task worker. Ids are stable: a worker replaced after
+    ``max_tasks_per_child`` tasks or a crash keeps its id (Swoole's task worker id).
+    """
+    return _worker_id
+
+
+def current_task_id() -> int | None:
+    """``task_id`` of the task running in this worker, None outside a task."""
+    return _task_id
+
+
+@dataclasses.dataclass
+class WorkerConfig:
+    """Everything a worker needs, passed at spawn (plain data, picklable)."""
+
+    worker_id: int
+    task_key: int
+    targeted: bool
+    owner_pid: int
+    owner_token: int
+    owner_reply_key: int
+    scoreboard_path: str
+    initializer: bytes | None = None
+    max_tasks: int | None = None
+    private_queue: bool = False
+    owner_subdir: str = ""
+    spill_env: str | None = None
+
+
+def _on_stop(signum, frame) -> None:
+    global _stop
+    _stop = True
+
+
+def _watch_owner(owner_pid: int, main_ident: int) -> None:
+    """Wait for the owner process to exit, then stop the worker."""
+    global _stop, _owner_dead
+    try:
+        fd = os.pidfd_open(owner_pid)
+    except ProcessLookupError:
+        fd = None
+    except (AttributeError, OSError):  # old kernel: poll
+        fd = -1
+    if fd is not None and fd >= 0:
+        select.select([fd], [], [])
+        os.close(fd)
+    elif fd == -1:
+        while True:
+            try:
+                os.kill(owner_pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+            time.sleep(0.2)
+    _owner_dead = True
+    _stop = True
+    while True:  # repeat: the signal may land just before msgrcv blocks
+        try:
+            signal.pthread_kill(main_ident, STOP_SIGNAL)
+        except (ProcessLookupError, OSError):
+            return
+        time.sleep(0.05)
+
+
+def _format_exc(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Replier:
+    """Sends results to producers' reply queues, opened by key and cached."""
+
+    def __init__(self) -> None:
+        self._queues: dict[int, sysv_ipc.MessageQueue] = {}
+
+    def _queue(self, key: int) -> sysv_ipc.MessageQueue:
+        q = self._queues.get(key)
+        if q is None:
+            if len(self._queues) > 256:
+                self._queues.clear()
+            q = sysv_ipc.MessageQueue(key, 0, max_message_size=msgmax())
+            self._queues[key] = q
+        return q
+
+    def send(self, key: int, message: bytes, producer_pid: int) -> bool:
+        """Send without ever blocking for good: retry while the queue is full and
+        the producer lives. Returns False when the result had to be dropped."""
+        delay = 0.0001
+        waited = 0.0
+        while True:
+            try:
+                self._queue(key).send(message, block=False, type=RESULT_MTYPE)
+                return True
+            except sysv_ipc.BusyError:
+                pass
+            except (sysv_ipc.ExistentialError, sysv_ipc.PermissionsError):
+                self._queues.pop(key, None)
+                return False
+            except sysv_ipc.Error:  # EINTR
+                pass
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 0.02)
+            if waited > 0.2:
+                waited = 0.0
+                if not _alive(producer_pid):
+                    return False
+
+
+def _result_message(status: int, task_id: int, token: int, wid: int, obj: Any,
+                    inline_max: int, subdir: str) -> bytes:
+    body, spilled = codec.dumps(obj, inline_max, subdir)
+    flags = Flag.SPILL if spilled else 0
+    return pack_header(Kind.RESULT, flags, status, task_id, token, 0, os.getpid(), wid,
+                       len(body)) + body
+
+
+def _encode_outcome(status: int, task_id: int, token: int, wid: int, obj: Any,
+                    inline_max: int, subdir: str) -> bytes:
+    """Pickle an outcome; when that fails, pickle the failure instead."""
+    try:
+        return _result_message(status, task_id, token, wid, obj, inline_max, subdir)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit at pickle time is an outcome
+        failure = (exc, _format_exc(exc))
+    try:
+        return _result_message(Status.RAISED, task_id, token, wid, failure, inline_max,
+                               subdir)
+    except BaseException as exc2:  # noqa: BLE001
+        text = f"{type(failure[0]).__name__}: {failure[0]}"
+        plain = (RuntimeError(f"the task's outcome could not be pickled ({text}), "
+                              f"nor the error itself ({type(exc2).__name__}: {exc2})"),
+                 failure[1])
+        return _result_message(Status.RAISED, task_id, token, wid, plain, inline_max,
+                               subdir)
+
+
+def _report(message: str) -> None:
+    try:
+        sys.stderr.write(f"mqexecutor worker {_worker_id} (pid {os.getpid()}): {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+class _Worker:
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg = cfg
+        self.queue = sysv_ipc.MessageQueue(cfg.task_key, 0, max_message_size=msgmax())
+        self.board = Scoreboard(cfg.scoreboard_path, cfg.worker_id + 1)
+        self.replier = _Replier()
+        self.inline_max = msgmax() - HEADER_SIZE
+        self.mtype = cfg.worker_id + 1 if cfg.targeted else 0
+        self.rejected = 0
+
+    def initialize(self) -> bool:
+        if not self.cfg.initializer:
+            return True
+        try:
+            initializer, initargs = pickle.loads(self.cfg.initializer)
+            initializer(*initargs)
+            return True
+        except BaseException as exc:  # noqa: BLE001
+            msg = _encode_outcome(Status.INIT_FAILED, 0, self.cfg.owner_token,
+                                  self.cfg.worker_id, (exc, _format_exc(exc)),
+                                  self.inline_max, self.cfg.owner_subdir)
+            self.replier.send(self.cfg.owner_reply_key, msg, self.cfg.owner_pid)
+            return False
+
+    def receive(self) -> tuple[bytes, int] | None:
+        while not _stop:
+            try:
+                return self.queue.receive(type=self.mtype)
+            except sysv_ipc.ExistentialError:
+                return None  # the queue was removed: nothing more to do
+            except OSError as exc:
+                if exc.errno != errno.E2BIG:
+                    raise
+                # A message larger than our buffer (msgmax was lowered after it
+                # was sent): grow the buffer instead of looping on E2BIG.
+                size = self.queue.max_message_size * 2
+                self.queue = sysv_ipc.MessageQueue(self.cfg.task_key, 0,
+                                                   max_message_size=size)
+            except sysv_ipc.Error:
+                continue  # EINTR: the loop re-checks _stop
+        return None
+
+    def requeue(self, raw: bytes, mtype: int) -> None:
+        """Put back a message taken after the stop request."""
+        for _ in range(400):
+            try:
+                self.queue.send(raw, block=False, type=mtype)
+                return
+            except sysv_ipc.BusyError:
+                time.sleep(0.005)
+            except sysv_ipc.Error:
+                return
+        self.handle(raw)  # no room for 2 s: run it rather than lose it
+
+    def reject(self, raw: bytes, reason: str) -> None:
+        self.rejected += 1
+        _report(f"set aside a message of {len(raw)} bytes: {reason}")
+
+    def handle(self, raw: bytes) -> None:
+        global _task_id
+        try:
+            h = unpack_header(raw)
+        except ProtocolError as exc:
+            self.reject(raw, str(exc))
+            return
+        if h.kind != Kind.TASK:
+            self.reject(raw, f"kind {h.kind} is not a task")
+            return
+        cfg = self.cfg
+        subdir = spill.producer_subdir(h.pid, h.token)
+        body = memoryview(raw)[HEADER_SIZE:]
+        spilled = bool(h.flags & Flag.SPILL)
+        if bool(h.flags & Flag.TARGETED) != cfg.targeted:
+            mine = "targeted" if cfg.targeted else "preemptive"
+            theirs = "targeted" if h.flags & Flag.TARGETED else "preemptive"
+            err = ValueError(f"task {h.task_id} was sent in {theirs} mode to a {mine} "
+                             "pool: refused")
+            if spilled:
+                spill.discard(bytes(body).decode("ascii", "replace"))
+            msg = _encode_outcome(Status.BAD_TASK, h.task_id, h.token, cfg.worker_id,
+                                  (err, ""), self.inline_max, subdir)
+            if not self.replier.send(h.reply, msg, h.pid):
+                self.reject(raw, str(err))
+            return
+        self.board.busy(cfg.worker_id, h.task_id, h.token, h.reply, h.pid)
+        try:
+            try:
+                fn, args, kwargs = codec.loads(body, spilled)
+            except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
+                status, outcome = Status.BAD_TASK, (exc, _format_exc(exc))
+            else:
+                _task_id = h.task_id
+                try:
+                    status, outcome = Status.OK, fn(*args, **kwargs)
+                except BaseException as exc:  # noqa: BLE001 - as ProcessPoolExecutor
+                    status, outcome = Status.RAISED, (exc, _format_exc(exc))
+                finally:
+                    _task_id = None
+                del fn, args, kwargs
+            msg = _encode_outcome(status, h.task_id, h.token, cfg.worker_id, outcome,
+                                  self.inline_max, subdir)
+            del outcome
+            if not self.replier.send(h.reply, msg, h.pid):
+                m = unpack_header(msg)
+                if m.flags & Flag.SPILL:
+                    spill.discard(msg[HEADER_SIZE:].decode("ascii", "replace"))
+        finally:
+            self.board.idle(cfg.worker_id)
+
+    def cleanup_after_owner(self) -> None:
+        """The owner died: remove what only it could have removed."""
+        cfg = self.cfg
+        for key in ([cfg.task_key] if cfg.private_queue else []) + [cfg.owner_reply_key]:
+            try:
+                sysv_ipc.MessageQueue(key, 0).remove()
+            except sysv_ipc.Error:
+                pass
+        if cfg.owner_subdir:
+            spill.remove_subdir(cfg.owner_subdir)
+
+    def run(self) -> int:
+        if not self.initialize():
+            return EXIT_INIT_FAILED
+        done = 0
+        while not _stop:
+            got = self.receive()
+            if got is None:
+                break
+            raw, mtype = got
+            if _stop:
+                self.requeue(raw, mtype)
+                break
+            self.handle(raw)
+            done += 1
+            if self.cfg.max_tasks and done >= self.cfg.max_tasks:
+                break
+        if _owner_dead:
+            self.cleanup_after_owner()
+        return 0
+
+
+def run_worker(cfg: WorkerConfig) -> None:
+    """Entry point of a task worker process (target of ``multiprocessing.Process``).
+
+    Exits with status 0 after a stop request or ``max_tasks`` tasks, and with
+    ``EXIT_INIT_FAILED`` (3) when the initializer raised.
+    """
+    global _worker_id, _stop, _owner_dead
+    _worker_id = cfg.worker_id
+    _stop = False
+    _owner_dead = False
+    if cfg.spill_env:
+        os.environ[spill.ENV_SPILL_DIR] = cfg.spill_env
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(STOP_SIGNAL, _on_stop)
+    try:
+        faulthandler.enable()
+    except (RuntimeError, ValueError, OSError):
+        pass
+    watcher = threading.Thread(target=_watch_owner, name="mqexecutor-owner-watch",
+                               args=(cfg.owner_pid, threading.main_thread().ident),
+                               daemon=True)
+    watcher.start()
+    code = _Worker(cfg).run()
+    sys.stdout.flush()
+    sys.exit(code)
