@@ -1,9 +1,11 @@
 """Serialization of calls and outcomes: cloudpickle in, plain pickle out.
 
-A task body is ``cloudpickle.dumps((fn, args, kwargs), protocol=5)`` so lambdas,
-closures and functions defined in ``__main__``, a REPL or a notebook travel by
-value (ProcessPoolExecutor's pickle cannot send them). Results are pickled the
-same way. A body larger than fits in one message is spilled to a file
+A task body pickles ``(fn, args, kwargs)`` with protocol 5. The C pickler is
+tried first (it is several times faster than cloudpickle); cloudpickle is used
+whenever the C pickler fails (lambdas, closures, dynamic modules), whenever the
+stream refers to ``__main__`` (a REPL or notebook function must travel by value:
+the worker's ``__main__`` may not have it), and whenever modules are registered
+with ``cloudpickle.register_pickle_by_value``. Results are pickled the same way. A body larger than fits in one message is spilled to a file
 (:mod:`mqexecutor.spill`) with its out-of-band buffers (pickle protocol 5)
 written straight into the file, and the message body becomes the reference.
 """
@@ -21,17 +23,41 @@ __all__ = ["dumps", "loads", "PROTOCOL"]
 PROTOCOL = 5
 
 
-def _pickle(obj: Any, buffers: list | None) -> bytes:
-    if buffers is None:
-        return cloudpickle.dumps(obj, protocol=PROTOCOL)
+_MAIN = b"__main__"
 
-    def keep(pb: pickle.PickleBuffer) -> bool:
-        try:
-            buffers.append(pb.raw())
-        except BufferError:  # not contiguous: pickle it in-band
-            return True
+
+_REGISTRY = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", None)
+
+
+def _by_value_registry() -> bool:
+    """True when modules are registered with cloudpickle.register_pickle_by_value."""
+    if _REGISTRY is not None:
+        return bool(_REGISTRY)
+    try:
+        return bool(cloudpickle.list_registry_pickle_by_value())
+    except AttributeError:  # cloudpickle < 2.0
         return False
 
+
+def _pickle(obj: Any, buffers: list | None) -> bytes:
+    keep = None
+    if buffers is not None:
+        def keep(pb: pickle.PickleBuffer) -> bool:
+            try:
+                buffers.append(pb.raw())
+            except BufferError:  # not contiguous: pickle it in-band
+                return True
+            return False
+
+    if not _by_value_registry():
+        try:
+            data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep)
+        except Exception:  # noqa: BLE001 - cloudpickle gets its chance below
+            data = None
+        if data is not None and _MAIN not in data:
+            return data
+        if buffers:
+            buffers.clear()
     return cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep)
 
 

@@ -286,7 +286,6 @@ class _PoolState:
     def feed(self) -> bool:
         """Move tasks from the backlog to the kernel queue while there is room.
         Returns True when the backlog is empty."""
-        queue = self.task_queue
         with self.lock:
             backlog = self.backlog
             while backlog:
@@ -298,20 +297,39 @@ class _PoolState:
                     fut.set_running_or_notify_cancel()
                     continue
                 try:
-                    queue.send(item.message, block=False, type=item.mtype)
-                except sysv_ipc.BusyError:
-                    return False
-                except sysv_ipc.Error as exc:
-                    if type(exc) is sysv_ipc.Error:  # EINTR: try again later
-                        return False
+                    sent = self.send_now(item)
+                except BrokenMQPool as exc:
                     backlog.popleft()
                     self.forget(item)
-                    fut.set_exception(BrokenMQPool(f"the task queue is gone: {exc}"))
+                    fut.set_exception(exc)
                     continue
+                if not sent:
+                    return False
                 backlog.popleft()
-                item.message = b""
-                fut.set_running_or_notify_cancel()
             return True
+
+    def send_now(self, item: _WorkItem) -> bool:
+        """Send a task straight to the kernel queue (caller holds the lock).
+
+        The Future turns RUNNING just before msgsnd, because a worker may answer
+        before msgsnd returns; it goes back to PENDING if the queue is full.
+        Nobody can cancel it meanwhile: ``MQFuture.cancel`` takes the same lock.
+        Returns False when the queue is full."""
+        fut = item.future
+        with fut._condition:
+            fut._state = _futures_base.RUNNING
+        try:
+            self.task_queue.send(item.message, block=False, type=item.mtype)
+        except BaseException as exc:
+            with fut._condition:
+                fut._state = _futures_base.PENDING
+            if isinstance(exc, sysv_ipc.BusyError) or type(exc) is sysv_ipc.Error:
+                return False  # full, or EINTR
+            if isinstance(exc, sysv_ipc.Error):
+                raise BrokenMQPool(f"the task queue is gone: {exc}") from None
+            raise
+        item.message = b""
+        return True
 
     def forget(self, item: _WorkItem) -> None:
         """Drop a task that will not run (caller holds the lock)."""
@@ -373,6 +391,8 @@ class _PoolState:
 
     # -- outcomes --------------------------------------------------------------------
     def take(self, task_id: int) -> _WorkItem | None:
+        if not self.targeted:
+            return self.pending.pop(task_id, None)  # atomic under the GIL
         with self.lock:
             item = self.pending.pop(task_id, None)
             if item is not None and item.worker >= 0:
@@ -456,10 +476,17 @@ def _collector_loop(state: _PoolState) -> None:
                     pass
                 continue
             raise
-        try:
-            _handle_result(state, raw)
-        except BaseException:  # noqa: BLE001 - the collector must not die
-            traceback.print_exc()
+        for more in range(255, -1, -1):
+            try:
+                _handle_result(state, raw)
+            except BaseException:  # noqa: BLE001 - the collector must not die
+                traceback.print_exc()
+            if not more:
+                break
+            try:  # drain what else is waiting before refilling the task queue
+                raw, _mtype = queue.receive(block=False)
+            except (sysv_ipc.Error, OSError):
+                break
         if state.backlog:
             state.feed()
 
@@ -574,7 +601,7 @@ def _tell_producer(state: _PoolState, wid: int, p: Any, slot: Any, reason: str) 
 
 def _manager_loop(state: _PoolState) -> None:
     """Watch workers, poll the backlog, and tear down at shutdown."""
-    delay = 0.001
+    delay = 0.005
     try:
         while True:
             with state.lock:
@@ -595,7 +622,7 @@ def _manager_loop(state: _PoolState) -> None:
                 if wid is not None:
                     _worker_exited(state, wid)
             if backlog:
-                delay = 0.001 if state.feed() else min(delay * 2, 0.02)
+                delay = 0.005 if state.feed() else min(delay * 2, 0.05)
             if state.broken is not None:
                 break
             if state.shutdown_requested:
@@ -822,8 +849,16 @@ class MQExecutor(Executor):
                                   len(body)) + body
             item = _WorkItem(fut, message, mtype, worker, spill_ref)
             state.pending[task_id] = item
+            try:
+                if not state.backlog and state.send_now(item):
+                    return fut
+            except BrokenMQPool:
+                state.forget(item)
+                raise
+            # The kernel queue is full: the task waits in the backlog, which the
+            # collector refills from as results arrive (the manager polls too).
             state.backlog.append(item)
-            if not state.feed():
+            if len(state.backlog) == 1:
                 state.wake()
         return fut
 
