@@ -25,23 +25,73 @@ import random
 import threading
 import time
 import traceback
+import warnings
 import weakref
+from dataclasses import dataclass
 from concurrent.futures import Executor, Future
 from concurrent.futures import _base as _futures_base
 from typing import Any, Callable, Iterable, Iterator
 
 import sysv_ipc
 
-from . import codec, queues, spill
+from . import codec, ipcinfo, persistence, queues, spill
 from .errors import (BrokenMQPool, QueueModeError, RemoteTraceback,
                      ResultUnpicklingError, TaskUnpicklingError, TerminatedWorkerError)
 from .limits import msgmax
-from .protocol import (HEADER_SIZE, PREEMPTIVE_MTYPE, Flag, Kind, ProtocolError, Status,
-                       pack_header, targeted_mtype, unpack_header)
+from .protocol import (CONTROL_MTYPE, HEADER_SIZE, PREEMPTIVE_MTYPE, WIRE_VERSION, Flag, Kind,
+                       ProtocolError, Status, replace_route,
+                       pack_header, split_task_body, targeted_mtype, task_body,
+                       unpack_header)
 from .scoreboard import BUSY, Scoreboard
 from .worker import EXIT_INIT_FAILED, STOP_SIGNAL, WorkerConfig, run_worker
 
-__all__ = ["MQExecutor", "MQFuture", "Mode"]
+__all__ = ["MQExecutor", "MQFuture", "Mode", "PoolStats", "StrandedTask", "CapacityWarning"]
+
+
+class CapacityWarning(RuntimeWarning):
+    """The kernel refused the queue capacity (``msg_qbytes``) asked for."""
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of an executor's queue and tasks (:meth:`MQExecutor.stats`).
+
+    Attributes:
+        key (int), msqid (int): the task queue.
+        queued_messages (int), queued_bytes (int): messages and bytes waiting in
+            the kernel queue (all producers').
+        capacity_bytes (int): the queue's msg_qbytes.
+        backlog (int): this executor's tasks waiting in this process for room.
+        running (int): its tasks in the kernel queue or running in a worker.
+        completed (int): its tasks finished (result or exception) so far.
+        workers (int): live worker processes started by this executor.
+        inherited (int): tasks found in the queue when it attached.
+    """
+
+    key: int
+    msqid: int
+    queued_messages: int
+    queued_bytes: int
+    capacity_bytes: int
+    backlog: int
+    running: int
+    completed: int
+    workers: int
+    inherited: int
+
+
+@dataclass(frozen=True)
+class StrandedTask:
+    """A task found in the queue for a worker id this pool does not have.
+
+    It is left in the queue for a pool with enough workers.
+    Attributes: task_id (as sent), worker_id, fn_name, producer_pid.
+    """
+
+    task_id: int
+    worker_id: int
+    fn_name: str
+    producer_pid: int
 
 _RNG = random.SystemRandom()
 
@@ -76,6 +126,10 @@ class MQFuture(Future):
         self.task_id = task_id
         self.fn_name = fn_name
         self.worker_id: int | None = None
+        #: For a task inherited from a dead producer (``MQExecutor.recovered``):
+        #: its task id and pid in that producer; None otherwise.
+        self.original_task_id: int | None = None
+        self.original_pid: int | None = None
         self._mq_lock = lock
 
     def cancel(self) -> bool:
@@ -115,6 +169,15 @@ class _WorkItem:
         self.mtype = mtype
         self.worker = worker
         self.spill_ref = spill_ref
+
+
+def _spill_reference(task_message: bytes) -> str:
+    """The spill reference carried by a TASK message with Flag.SPILL."""
+    try:
+        _name, payload = split_task_body(memoryview(task_message)[HEADER_SIZE:])
+    except ProtocolError:
+        return ""
+    return bytes(payload).decode("ascii", "replace")
 
 
 def _fn_name(fn: Any) -> str:
@@ -173,7 +236,7 @@ class _PoolState:
 
     def __init__(self, *, key: int | None, max_workers: int, mode: Mode, mp_context: Any,
                  initializer: bytes | None, max_tasks_per_child: int | None,
-                 queue_mode: int):
+                 queue_mode: int, attach: bool = False):
         self.pid = os.getpid()
         self.token = _RNG.getrandbits(64) or 1
         self.mode = mode
@@ -183,6 +246,9 @@ class _PoolState:
         self.initializer = initializer
         self.max_tasks_per_child = max_tasks_per_child
         self.explicit_key = key is not None
+        self.attach = attach
+        self.abandon = False
+        self.completed = 0
         self.lock = threading.RLock()
         self.backlog: collections.deque[_WorkItem] = collections.deque()
         self.pending: dict[int, _WorkItem] = {}
@@ -212,10 +278,15 @@ class _PoolState:
             if key is None:
                 self.task_queue = queues.create_private(queue_mode)
             else:
-                self.task_queue = queues.open_queue(key, create=True, mode=queue_mode)
-            self.board = Scoreboard(
-                os.path.join(spill.root_dir(0), self.subdir, "scoreboard"),
-                max_workers, create=True)
+                self.task_queue = queues.open_queue(key, create=not attach, mode=queue_mode)
+            if not attach:
+                self.board = Scoreboard(
+                    os.path.join(spill.root_dir(0), self.subdir, "scoreboard"),
+                    max_workers, create=True)
+            persistence.write_meta(self.subdir, persistence.QueueMeta(
+                key=self.task_queue.key, mode=int(mode), workers=0 if attach else max_workers,
+                wire=WIRE_VERSION, owner_pid=self.pid, owner_token=self.token,
+                reply_key=self.reply_queue.key, private=key is None))
         except BaseException:
             self.release_resources()
             raise
@@ -370,7 +441,7 @@ class _PoolState:
                     if item.future._withdraw():
                         self.forget(item)
                         if h.flags & Flag.SPILL:
-                            spill.discard(raw[HEADER_SIZE:].decode("ascii", "replace"))
+                            spill.discard(_spill_reference(raw))
         for raw, mtype in foreign:
             for _ in range(200):
                 try:
@@ -419,11 +490,13 @@ class _PoolState:
                     pass
         self.wake()
 
-    def request_shutdown(self, cancel_futures: bool = False) -> None:
+    def request_shutdown(self, cancel_futures: bool = False, abandon: bool = False) -> None:
         with self.lock:
             self.shutdown_requested = True
             if cancel_futures:
                 self.cancel_requested = True
+            if abandon:
+                self.abandon = True
         if cancel_futures:
             self.cancel_backlog()
             self.withdraw_queued()
@@ -476,6 +549,8 @@ def _collector_loop(state: _PoolState) -> None:
                     pass
                 continue
             raise
+        if _mtype == CONTROL_MTYPE:
+            return  # sent by the manager after the last worker exited
         for more in range(255, -1, -1):
             try:
                 _handle_result(state, raw)
@@ -487,6 +562,8 @@ def _collector_loop(state: _PoolState) -> None:
                 raw, _mtype = queue.receive(block=False)
             except (sysv_ipc.Error, OSError):
                 break
+            if _mtype == CONTROL_MTYPE:
+                return
         if state.backlog:
             state.feed()
 
@@ -518,6 +595,7 @@ def _handle_result(state: _PoolState, raw: bytes) -> None:
             spill.discard(bytes(body).decode("ascii", "replace"))
         return
     fut = item.future
+    state.completed += 1
     try:
         value = codec.loads(body, spilled)
     except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
@@ -623,7 +701,7 @@ def _manager_loop(state: _PoolState) -> None:
                     _worker_exited(state, wid)
             if backlog:
                 delay = 0.005 if state.feed() else min(delay * 2, 0.05)
-            if state.broken is not None:
+            if state.broken is not None or state.abandon:
                 break
             if state.shutdown_requested:
                 with state.lock:
@@ -635,10 +713,114 @@ def _manager_loop(state: _PoolState) -> None:
                     state.break_pool("the task workers were terminated")
                     break
     finally:
-        state.stop_workers()
-        state.release_resources()
-        if state.collector is not None and state.collector is not threading.current_thread():
-            state.collector.join()
+        _teardown(state)
+
+
+def _teardown(state: _PoolState) -> None:
+    """Stop workers, let the collector take the last results, cancel what is
+    left (tasks left in a persistent queue stay there), release resources."""
+    state.stop_workers()
+    collector = state.collector
+    if collector is not None and collector.is_alive() and state.reply_queue is not None:
+        try:  # behind every result already sent: the collector handles those first
+            state.reply_queue.send(b"stop", block=True, type=CONTROL_MTYPE)
+        except sysv_ipc.Error:
+            pass
+        if collector is not threading.current_thread():
+            collector.join()
+    with state.lock:
+        items = list(state.pending.values())
+        state.pending.clear()
+        state.backlog.clear()
+    for item in items:
+        fut = item.future
+        if fut.done():
+            continue
+        if fut.running():  # still in the kernel queue: it stays there
+            fut._withdraw()
+            continue
+        if fut.cancel():
+            fut.set_running_or_notify_cancel()
+        if item.spill_ref:
+            spill.discard(item.spill_ref)
+    state.release_resources()
+
+
+_gc_done = False
+
+
+def _collect_garbage_once() -> None:
+    """Reclaim the leftovers of dead producers once per process (cheap)."""
+    global _gc_done
+    if _gc_done:
+        return
+    _gc_done = True
+    try:
+        persistence.collect_garbage()
+    except Exception:  # noqa: BLE001 - never fail a constructor for this
+        pass
+
+
+def _check_key_mode(key: Any, mode: Any) -> tuple[int | None, Mode]:
+    if key is not None:
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise TypeError(f"key must be an int SysV key or None, not {key!r}")
+        key = queues.parse_key(key)
+        if key == 0:
+            raise ValueError("key 0 is IPC_PRIVATE; pass key=None for a private queue")
+    try:
+        mode = Mode(mode)
+    except ValueError:
+        raise ValueError(f"mode must be Mode.TARGETED (2) or Mode.PREEMPTIVE (3), "
+                         f"not {mode!r}") from None
+    return key, mode
+
+
+def _check_capacity(capacity: Any) -> None:
+    if capacity is None:
+        return
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"capacity must be an int number of bytes, not {capacity!r}")
+    if capacity <= 0:
+        raise ValueError(f"capacity must be > 0 bytes, not {capacity}")
+
+
+def _set_capacity(state: _PoolState, capacity: int) -> None:
+    """Ask the kernel for ``capacity`` bytes of msg_qbytes; warn when refused."""
+    queue = state.task_queue
+    try:
+        if queue.max_size != capacity:
+            queue.max_size = capacity
+        return
+    except (sysv_ipc.PermissionsError, OSError, ValueError) as exc:
+        reason = exc
+    warnings.warn(
+        f"mqexecutor: the kernel refused capacity={capacity} bytes for the queue of key "
+        f"0x{queue.key & 0xFFFFFFFF:08x} ({reason}; raising msg_qbytes above "
+        f"kernel.msgmnb needs CAP_SYS_RESOURCE). The limit in force is "
+        f"{queue.max_size} bytes; tasks beyond it wait in this process.",
+        CapacityWarning, stacklevel=4)
+
+
+def _check_no_live_owner(key: int, mode: Mode) -> None:
+    meta = persistence.read_meta(spill.key_subdir(key))
+    if (meta is not None and meta.mode != int(mode) and meta.owner_pid != os.getpid()
+            and persistence.pid_alive(meta.owner_pid)
+            and ipcinfo.queue_info(key) is not None):
+        raise QueueModeError(
+            f"key 0x{key & 0xFFFFFFFF:08x} is served by pid {meta.owner_pid} in "
+            f"{Mode(meta.mode).name} mode; this executor asked for {mode.name}")
+
+
+def _send_back(queue: sysv_ipc.MessageQueue, raw: bytes, mtype: int) -> None:
+    for _ in range(400):
+        try:
+            queue.send(raw, block=False, type=mtype)
+            return
+        except sysv_ipc.BusyError:
+            time.sleep(0.005)
+        except sysv_ipc.Error:
+            return
 
 
 class MQExecutor(Executor):
@@ -649,7 +831,8 @@ class MQExecutor(Executor):
         key (int | None): SysV key of the task queue. None (default): a fresh
             private queue, removed at shutdown. An int: that key's queue, created
             (with ``queue_mode``) if absent and kept after shutdown, so tasks left
-            in it survive the executor (Swoole's ``message_queue_key``).
+            in it survive the executor (Swoole's ``message_queue_key``); tasks
+            that dead producers left there are adopted (:meth:`recovered`).
             :func:`mqexecutor.ftok` turns a path into a key.
         max_workers (int | None): number of task worker processes; None means the
             number of CPUs this process may use.
@@ -664,10 +847,16 @@ class MQExecutor(Executor):
             ``fork`` (fast start; workers re-forked later from a helper thread).
         queue_mode (int): permission bits of a queue this executor creates
             (default 0o600: only this user can post tasks, i.e. run code).
+        capacity (int | None): bytes of msg_qbytes to ask the kernel for. Above
+            kernel.msgmnb this needs CAP_SYS_RESOURCE; when refused, a
+            CapacityWarning names the limit in force and tasks beyond it wait in
+            this process.
 
     Raises:
         ValueError: ``max_workers`` <= 0, an unknown ``mode``, or
             ``max_tasks_per_child`` < 1.
+        QueueModeError: the key's queue holds tasks of the other mode or another
+            wire version, or a live pool of the other mode serves it.
         TypeError: ``initializer`` not callable, ``key`` not an int.
         sysv_ipc.PermissionsError: the queue of ``key`` belongs to someone else.
         OSError: the kernel refused to create a queue (e.g. msgmni reached).
@@ -676,24 +865,15 @@ class MQExecutor(Executor):
     def __init__(self, key: int | None = None, max_workers: int | None = None, *,
                  mode: Mode | int = Mode.PREEMPTIVE, initializer: Callable | None = None,
                  initargs: tuple = (), max_tasks_per_child: int | None = None,
-                 mp_context: Any = None, queue_mode: int = 0o600):
-        if key is not None:
-            if isinstance(key, bool) or not isinstance(key, int):
-                raise TypeError(f"key must be an int SysV key or None, not {key!r}")
-            key = queues.parse_key(key)
-            if key == 0:
-                raise ValueError("key 0 is IPC_PRIVATE; pass key=None for a private queue")
+                 mp_context: Any = None, queue_mode: int = 0o600,
+                 capacity: int | None = None):
+        key, mode = _check_key_mode(key, mode)
         if max_workers is None:
             max_workers = _cpu_count()
         elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
             raise TypeError(f"max_workers must be an int, not {max_workers!r}")
         if max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
-        try:
-            mode = Mode(mode)
-        except ValueError:
-            raise ValueError(f"mode must be Mode.TARGETED (2) or Mode.PREEMPTIVE (3), "
-                             f"not {mode!r}") from None
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if max_tasks_per_child is not None:
@@ -701,22 +881,77 @@ class MQExecutor(Executor):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
+        _check_capacity(capacity)
         if mp_context is None:
             mp_context = multiprocessing.get_context("fork")
         init_bytes = None
         if initializer is not None:
             init_bytes = codec.cloudpickle.dumps((initializer, tuple(initargs)),
                                                  protocol=codec.PROTOCOL)
-        self._mode = mode
-        self._max_workers = max_workers
-        self._key = key
-        state = _PoolState(key=key, max_workers=max_workers, mode=mode,
-                           mp_context=mp_context, initializer=init_bytes,
-                           max_tasks_per_child=max_tasks_per_child, queue_mode=queue_mode)
+        if key is not None:
+            _check_no_live_owner(key, mode)
+        _collect_garbage_once()
+        self._setup(_PoolState(key=key, max_workers=max_workers, mode=mode,
+                               mp_context=mp_context, initializer=init_bytes,
+                               max_tasks_per_child=max_tasks_per_child,
+                               queue_mode=queue_mode), capacity)
+
+    @classmethod
+    def attach(cls, key: int, *, mode: Mode | int = Mode.PREEMPTIVE,
+               workers: int | None = None) -> "MQExecutor":
+        """An executor that starts no workers and submits to the pool another
+        process serves on ``key`` (``mqexecutor serve`` or an MQExecutor).
+
+        Its ``submit``, ``map`` and Futures work as usual; its results come back
+        on its own reply queue, so it never sees another producer's results.
+
+        Args:
+            key (int): the pool's SysV key (decimal, or parsed from 0x hex with
+                :func:`mqexecutor.queues.parse_key`).
+            mode: the pool's mode; a mismatch with the pool raises.
+            workers (int | None): the pool's size, for ``submit_to`` range checks;
+                read from the pool's metadata when None.
+
+        Raises:
+            sysv_ipc.ExistentialError: no queue has this key.
+            QueueModeError: the pool serving the key runs in the other mode.
+        """
+        key, mode = _check_key_mode(key, mode)
+        if key is None:
+            raise TypeError("attach() needs the key of a served queue, not None")
+        meta = persistence.read_meta(spill.key_subdir(key))
+        if meta is not None and meta.mode != int(mode) and persistence.pid_alive(meta.owner_pid):
+            raise QueueModeError(
+                f"the pool on key 0x{key & 0xFFFFFFFF:08x} (pid {meta.owner_pid}) runs in "
+                f"{Mode(meta.mode).name} mode; attach() asked for {mode.name}")
+        if workers is None:
+            workers = meta.workers if meta is not None and meta.workers > 0 else 1
+        self = cls.__new__(cls)
+        self._setup(_PoolState(key=key, max_workers=workers, mode=mode,
+                               mp_context=None, initializer=None, max_tasks_per_child=None,
+                               queue_mode=0o600, attach=True), None)
+        return self
+
+    def _setup(self, state: _PoolState, capacity: int | None) -> None:
+        self._mode = state.mode
+        self._max_workers = state.max_workers
+        self._key = state.task_queue.key if state.task_queue is not None else None
         self._state = state
+        self._recovered: list[MQFuture] = []
+        self._stranded: list[StrandedTask] = []
+        self._inherited = 0
         try:
-            for wid in range(max_workers):
-                state.spawn(wid)
+            if capacity is not None:
+                _set_capacity(state, capacity)
+            if state.explicit_key and not state.attach:
+                self._adopt_leftovers()
+                persistence.write_meta(spill.key_subdir(self._key), persistence.QueueMeta(
+                    key=self._key, mode=int(state.mode), workers=state.max_workers,
+                    wire=WIRE_VERSION, owner_pid=state.pid, owner_token=state.token,
+                    reply_key=state.reply_queue.key))
+            if not state.attach:
+                for wid in range(state.max_workers):
+                    state.spawn(wid)
         except BaseException:
             state.terminating = True
             state.signal_workers(9)
@@ -733,6 +968,91 @@ class MQExecutor(Executor):
         _live_states.add(state)
         self._executor_manager_thread = state.manager
         weakref.finalize(self, _PoolState.request_shutdown, state)
+
+    def _adopt_leftovers(self) -> None:
+        """Take over the tasks that dead producers left in the queue (see
+        :mod:`mqexecutor.persistence`). Raises QueueModeError, leaving the queue
+        as it was, when they were sent in the other mode or wire version."""
+        state = self._state
+        queue = state.task_queue
+        found: list[tuple[bytes, int]] = []
+        while True:
+            try:
+                found.append(queue.receive(block=False))
+            except sysv_ipc.BusyError:
+                break
+            except sysv_ipc.Error:
+                continue  # EINTR
+        if not found:
+            return
+        keep: list[tuple[bytes, int]] = []
+        adopt: list[tuple[bytes, int, Any]] = []
+        problem = None
+        for raw, mtype in found:
+            try:
+                h = unpack_header(raw)
+            except ProtocolError as exc:
+                if raw[:2] == b"MQ" and len(raw) > 2 and raw[2] != WIRE_VERSION:
+                    problem = (f"the queue of key 0x{self._key & 0xFFFFFFFF:08x} holds tasks "
+                               f"of wire version {raw[2]}; this mqexecutor speaks version "
+                               f"{WIRE_VERSION}")
+                else:
+                    warnings.warn(f"mqexecutor: set aside a message of {len(raw)} bytes "
+                                  f"found in the queue: {exc}", RuntimeWarning, stacklevel=4)
+                continue
+            if h.kind != Kind.TASK:
+                continue
+            if bool(h.flags & Flag.TARGETED) != state.targeted:
+                theirs = "TARGETED" if h.flags & Flag.TARGETED else "PREEMPTIVE"
+                problem = (f"the queue of key 0x{self._key & 0xFFFFFFFF:08x} holds tasks sent "
+                           f"in {theirs} mode; this executor is {state.mode.name}")
+            if persistence.pid_alive(h.pid) and h.pid != state.pid:
+                keep.append((raw, mtype))  # a live producer still waits for it
+                continue
+            if state.targeted and not 0 <= h.worker < state.max_workers:
+                try:
+                    name, _ = split_task_body(memoryview(raw)[HEADER_SIZE:])
+                except ProtocolError:
+                    name = "?"
+                self._stranded.append(StrandedTask(h.task_id, h.worker, name, h.pid))
+                keep.append((raw, mtype))
+                continue
+            adopt.append((raw, mtype, h))
+        if problem is not None:
+            for raw, mtype in found:
+                _send_back(queue, raw, mtype)
+            raise QueueModeError(problem)
+        for raw, mtype in keep:
+            _send_back(queue, raw, mtype)
+        self._inherited = len(adopt) + len(self._stranded)
+        if self._stranded:
+            warnings.warn(
+                f"mqexecutor: {len(self._stranded)} task(s) in the queue of key "
+                f"0x{self._key & 0xFFFFFFFF:08x} target worker ids this pool of "
+                f"{state.max_workers} does not have; they stay queued (see stranded())",
+                RuntimeWarning, stacklevel=4)
+        with state.lock:
+            for raw, mtype, h in adopt:
+                try:
+                    name, payload = split_task_body(memoryview(raw)[HEADER_SIZE:])
+                except ProtocolError:
+                    continue
+                task_id = next(state.ids)
+                fut = MQFuture(task_id, name, state.lock)
+                fut.original_task_id = h.task_id
+                fut.original_pid = h.pid
+                worker = h.worker if state.targeted else -1
+                if worker >= 0:
+                    fut.worker_id = worker
+                    state.outstanding[worker] += 1
+                message = replace_route(raw, task_id, state.token, state.reply_queue.key,
+                                        state.pid)
+                ref = bytes(payload).decode("ascii", "replace") if h.flags & Flag.SPILL else None
+                item = _WorkItem(fut, message, mtype, worker, ref)
+                state.pending[task_id] = item
+                state.backlog.append(item)
+                self._recovered.append(fut)
+        state.feed()
 
     # -- properties --------------------------------------------------------------
     @property
@@ -761,6 +1081,46 @@ class MQExecutor(Executor):
     def _processes(self) -> dict[int, Any]:
         """Worker processes by pid (as ProcessPoolExecutor's private attribute)."""
         return {p.pid: p for p in self._state.processes.values()}
+
+    @property
+    def inherited(self) -> int:
+        """Number of tasks of dead producers found in the queue when this executor
+        attached to its key (adopted ones plus stranded ones)."""
+        return self._inherited
+
+    def recovered(self) -> list[MQFuture]:
+        """Futures of the tasks this executor adopted from producers that died
+        (explicit keys only). Each has a new ``task_id``, the old one in
+        ``original_task_id``, the dead producer's pid in ``original_pid`` and the
+        function's qualified name in ``fn_name``. Returns a new list."""
+        return list(self._recovered)
+
+    def stranded(self) -> list[StrandedTask]:
+        """Tasks found in the queue for worker ids this pool does not have
+        (targeted mode, a smaller pool than the one they were sent to). They are
+        left in the queue; a warning was issued at start."""
+        return list(self._stranded)
+
+    def stats(self) -> PoolStats:
+        """A :class:`PoolStats` snapshot: kernel queue messages, bytes and
+        capacity, this executor's backlog, running and completed tasks, live
+        workers and inherited tasks."""
+        state = self._state
+        info = ipcinfo.queue_info(self._key) if self._key is not None else None
+        try:
+            capacity = state.task_queue.max_size
+        except (sysv_ipc.Error, AttributeError):
+            capacity = 0
+        with state.lock:
+            backlog = len(state.backlog)
+            running = len(state.pending) - backlog
+            workers = sum(1 for p in state.processes.values() if p.exitcode is None)
+        return PoolStats(
+            key=self._key, msqid=info.msqid if info else -1,
+            queued_messages=info.qnum if info else 0,
+            queued_bytes=info.cbytes if info else 0, capacity_bytes=capacity,
+            backlog=backlog, running=running, completed=state.completed, workers=workers,
+            inherited=self._inherited)
 
     # -- submitting --------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> MQFuture:
@@ -844,6 +1204,7 @@ class MQExecutor(Executor):
             else:
                 mtype, worker = PREEMPTIVE_MTYPE, -1
             assert state.reply_queue is not None
+            body = task_body(fut.fn_name, body)
             message = pack_header(Kind.TASK, flags, 0, task_id, state.token,
                                   state.reply_queue.key, state.pid, worker,
                                   len(body)) + body
@@ -945,9 +1306,15 @@ class MQExecutor(Executor):
 
         Queues and spill files of this executor are removed once the last task
         is done; the queue of an explicit key is kept. Calling it again is harmless.
+
+        With an explicit key and ``wait=False``, workers stop after their current
+        task and the tasks still in the kernel queue stay there for the next
+        executor on the key (their Futures here are cancelled); with a private
+        queue, pending tasks still run, as in ProcessPoolExecutor.
         """
         state = self._state
-        state.request_shutdown(cancel_futures)
+        state.request_shutdown(cancel_futures,
+                               abandon=not wait and state.explicit_key)
         if wait and state.manager is not None and state.manager is not threading.current_thread() \
                 and state.collector is not threading.current_thread():
             state.manager.join()

@@ -16,8 +16,11 @@ this header (little-endian, no padding; ``struct`` format ``HEADER_FORMAT``)::
     32     4    worker    target worker id, -1 for any (TASK); worker id (RESULT)
     36     4    length    bytes of body that follow the header
 
-The body is a pickle (protocol 5) or, when ``Flag.SPILL`` is set, the
-reference of a spill file (see :mod:`mqexecutor.spill`). docs/protocol.md
+The body of a RESULT is a pickle (protocol 5) or, when ``Flag.SPILL`` is set,
+the reference of a spill file (see :mod:`mqexecutor.spill`). The body of a TASK
+starts with the function's qualified name (u16 length, then UTF-8 bytes), so a
+queue can be inspected without unpickling anything, followed by the same
+pickle-or-reference payload. docs/protocol.md
 describes the format for producers written in other languages.
 """
 from __future__ import annotations
@@ -29,7 +32,8 @@ from typing import NamedTuple
 __all__ = [
     "MAGIC", "WIRE_VERSION", "HEADER_FORMAT", "HEADER_SIZE", "Kind", "Flag", "Status",
     "Header", "ProtocolError", "pack_header", "unpack_header", "PREEMPTIVE_MTYPE",
-    "RESULT_MTYPE", "CONTROL_MTYPE", "targeted_mtype",
+    "RESULT_MTYPE", "CONTROL_MTYPE", "targeted_mtype", "task_body", "split_task_body",
+    "replace_route",
 ]
 
 MAGIC = b"MQ"
@@ -118,6 +122,32 @@ def pack_header(kind: int, flags: int, status: int, task_id: int, token: int,
                         reply, pid, worker, length)
 
 
+_NAME_LEN = struct.Struct("<H")
+
+
+def task_body(fn_name: str, payload: bytes) -> bytes:
+    """The body of a TASK: u16 name length, the name (UTF-8, at most 255 bytes),
+    then the payload (pickle or spill reference)."""
+    name = fn_name.encode("utf-8", "replace")[:255]
+    return _NAME_LEN.pack(len(name)) + name + payload
+
+
+def split_task_body(body: bytes | memoryview) -> tuple[str, memoryview]:
+    """Inverse of :func:`task_body`: returns (function name, payload).
+
+    Raises:
+        ProtocolError: the name length runs past the end of the body.
+    """
+    view = memoryview(body)
+    if len(view) < 2:
+        raise ProtocolError("task body shorter than its name length field")
+    (n,) = _NAME_LEN.unpack_from(view)
+    if 2 + n > len(view):
+        raise ProtocolError(f"task body of {len(view)} bytes cannot hold a "
+                            f"{n}-byte function name")
+    return bytes(view[2:2 + n]).decode("utf-8", "replace"), view[2 + n:]
+
+
 def unpack_header(data: bytes | memoryview) -> Header:
     """Decode and check the header at the start of ``data``.
 
@@ -143,3 +173,12 @@ def unpack_header(data: bytes | memoryview) -> Header:
                             f"{len(data) - HEADER_SIZE}")
     return Header(kind, flags, status, task_id, token, reply, pid, worker, length,
                   version)
+
+
+def replace_route(message: bytes, task_id: int, token: int, reply: int, pid: int) -> bytes:
+    """A copy of a TASK message addressed to another producer: same flags,
+    worker and body, new task id, token, reply key and pid. Used to adopt the
+    tasks of a producer that died (MQExecutor.recovered)."""
+    h = unpack_header(message)
+    return pack_header(h.kind, h.flags, h.status, task_id, token, reply, pid, h.worker,
+                       h.length) + bytes(memoryview(message)[HEADER_SIZE:])

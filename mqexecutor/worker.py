@@ -38,7 +38,7 @@ import sysv_ipc
 from . import codec, spill
 from .limits import msgmax
 from .protocol import (HEADER_SIZE, RESULT_MTYPE, Flag, Kind, ProtocolError, Status,
-                       pack_header, unpack_header)
+                       pack_header, split_task_body, unpack_header)
 from .scoreboard import Scoreboard
 
 __all__ = ["worker_id", "current_task_id", "WorkerConfig", "run_worker", "EXIT_INIT_FAILED"]
@@ -152,9 +152,15 @@ class _Replier:
             self._queues[key] = q
         return q
 
-    def send(self, key: int, message: bytes, producer_pid: int) -> bool:
+    def send(self, key: int, message: bytes, producer_pid: int, token: int = 0) -> bool:
         """Send without ever blocking for good: retry while the queue is full and
-        the producer lives. Returns False when the result had to be dropped."""
+        the producer lives. Returns False when the result had to be dropped.
+
+        A producer that died is cleaned up after: its reply queue and spill
+        directory are removed, so nothing it left behind leaks."""
+        if not _alive(producer_pid):
+            self._bury(key, producer_pid, token)
+            return False
         delay = 0.0001
         waited = 0.0
         while True:
@@ -174,7 +180,17 @@ class _Replier:
             if waited > 0.2:
                 waited = 0.0
                 if not _alive(producer_pid):
+                    self._bury(key, producer_pid, token)
                     return False
+
+    def _bury(self, key: int, producer_pid: int, token: int) -> None:
+        self._queues.pop(key, None)
+        try:
+            sysv_ipc.MessageQueue(key, 0).remove()
+        except sysv_ipc.Error:
+            pass
+        if token:
+            spill.remove_subdir(spill.producer_subdir(producer_pid, token))
 
 
 def _result_message(status: int, task_id: int, token: int, wid: int, obj: Any,
@@ -282,7 +298,11 @@ class _Worker:
             return
         cfg = self.cfg
         subdir = spill.producer_subdir(h.pid, h.token)
-        body = memoryview(raw)[HEADER_SIZE:]
+        try:
+            _name, body = split_task_body(memoryview(raw)[HEADER_SIZE:])
+        except ProtocolError as exc:
+            self.reject(raw, str(exc))
+            return
         spilled = bool(h.flags & Flag.SPILL)
         if bool(h.flags & Flag.TARGETED) != cfg.targeted:
             mine = "targeted" if cfg.targeted else "preemptive"
@@ -293,7 +313,7 @@ class _Worker:
                 spill.discard(bytes(body).decode("ascii", "replace"))
             msg = _encode_outcome(Status.BAD_TASK, h.task_id, h.token, cfg.worker_id,
                                   (err, ""), self.inline_max, subdir)
-            if not self.replier.send(h.reply, msg, h.pid):
+            if not self.replier.send(h.reply, msg, h.pid, h.token):
                 self.reject(raw, str(err))
             return
         self.board.busy(cfg.worker_id, h.task_id, h.token, h.reply, h.pid)
@@ -314,7 +334,7 @@ class _Worker:
             msg = _encode_outcome(status, h.task_id, h.token, cfg.worker_id, outcome,
                                   self.inline_max, subdir)
             del outcome
-            if not self.replier.send(h.reply, msg, h.pid):
+            if not self.replier.send(h.reply, msg, h.pid, h.token):
                 m = unpack_header(msg)
                 if m.flags & Flag.SPILL:
                     spill.discard(msg[HEADER_SIZE:].decode("ascii", "replace"))
@@ -375,6 +395,10 @@ def run_worker(cfg: WorkerConfig) -> None:
                                args=(cfg.owner_pid, threading.main_thread().ident),
                                daemon=True)
     watcher.start()
-    code = _Worker(cfg).run()
+    try:
+        worker = _Worker(cfg)
+    except sysv_ipc.ExistentialError:
+        sys.exit(0)  # the pool was torn down before this worker started
+    code = worker.run()
     sys.stdout.flush()
     sys.exit(code)

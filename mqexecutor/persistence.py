@@ -1,0 +1,211 @@
+"""Queues that outlive executors: metadata, and adopting the tasks left behind.
+
+A queue with an explicit key keeps its messages when its executor goes away
+(Swoole's ``message_queue_key``). The next pool owner on the key drains what it
+finds, and for each task whose producer has died rewrites the route (task id,
+token, reply key, pid: :func:`mqexecutor.protocol.replace_route`) so the outcome
+comes back to it as a *recovered* Future. Tasks of producers that are still
+alive, and tasks targeted at worker ids the new pool lacks, go back unchanged.
+
+Each pool writes a small JSON file beside its spill files so that the CLI and
+later executors know what a queue is: ``k-<key>/meta.json`` for a persistent
+key, ``p-<pid>-<token>/meta.json`` for a private executor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+from . import spill
+
+__all__ = ["QueueMeta", "read_meta", "write_meta", "producer_metas", "pid_alive"]
+
+META = "meta.json"
+
+
+@dataclass
+class QueueMeta:
+    """What mqexecutor knows of a queue it made.
+
+    Attributes:
+        key: task queue key; mode: 2 or 3; workers: pool size (0 for a producer
+        that only attaches); wire: wire version; owner_pid / owner_token: the
+        process that wrote it; reply_key: that process's reply queue; private:
+        True for a key=None executor's queue.
+    """
+
+    key: int
+    mode: int
+    workers: int
+    wire: int
+    owner_pid: int
+    owner_token: int = 0
+    reply_key: int = 0
+    private: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _path(subdir: str) -> str:
+    return os.path.join(spill.root_dir(0), subdir, META)
+
+
+def write_meta(subdir: str, meta: QueueMeta) -> None:
+    """Write ``meta`` atomically into spill sub-directory ``subdir`` (root 0)."""
+    directory = spill.ensure_subdir(0, subdir)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".meta-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(meta), f)
+    os.replace(tmp, os.path.join(directory, META))
+
+
+def read_meta(subdir: str) -> QueueMeta | None:
+    """The metadata in ``subdir``, None when absent or unreadable."""
+    try:
+        with open(_path(subdir)) as f:
+            data = json.load(f)
+        return QueueMeta(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def producer_metas() -> list[tuple[str, QueueMeta]]:
+    """(subdir, meta) of every producer and key directory with metadata."""
+    out = []
+    root = spill.spill_roots()[0]
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return out
+    for name in names:
+        if name.startswith(("p-", "k-")):
+            meta = read_meta(name)
+            if meta is not None:
+                out.append((name, meta))
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process ``pid`` exists (or cannot be signalled by us)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def collect_garbage() -> list[str]:
+    """Reclaim what producers that died left behind (``mqexecutor gc``).
+
+    For each producer spill directory ``p-<pid>-<token>`` whose process is gone:
+    remove its reply queue and, for a private executor, its task queue (only
+    when the queue was created by this user and no live process last used it),
+    then the directory and its spill files. Persistent keys are never touched.
+
+    Returns:
+        list of str: one line per thing removed, for logs and the CLI.
+    """
+    import sysv_ipc
+
+    from . import ipcinfo
+
+    removed: list[str] = []
+    by_key = {q.key: q for q in ipcinfo.list_queues()}
+    for root in spill.spill_roots():
+        try:
+            names = os.listdir(root)
+        except OSError:
+            continue
+        for name in names:
+            if not name.startswith("p-"):
+                continue
+            try:
+                pid = int(name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if pid_alive(pid):
+                continue
+            meta = read_meta(name) if root == spill.spill_roots()[0] else None
+            if meta is not None:
+                keys = [meta.reply_key] + ([meta.key] if meta.private else [])
+                for key in keys:
+                    info = by_key.get(key)
+                    if info is None or info.uid != os.getuid():
+                        continue
+                    if pid_alive(info.lspid) and info.lspid != pid or (
+                            pid_alive(info.lrpid) and info.lrpid != pid):
+                        continue  # someone still uses it
+                    try:
+                        sysv_ipc.MessageQueue(key, 0).remove()
+                        removed.append(f"queue 0x{key & 0xFFFFFFFF:08x} "
+                                       f"(msqid {info.msqid}) of dead pid {pid}")
+                    except sysv_ipc.Error:
+                        pass
+            spill.remove_subdir(name)
+            removed.append(f"spill directory {os.path.join(root, name)}")
+    return removed
+
+
+def purge_queue(key: int) -> tuple[int, int]:
+    """Drop every message waiting in ``key``'s queue and the spill files its
+    tasks reference.
+
+    Returns:
+        (messages dropped, spill files removed).
+
+    Raises:
+        sysv_ipc.ExistentialError: no queue has this key.
+        sysv_ipc.PermissionsError: this user may not read it.
+    """
+    import sysv_ipc
+
+    from .limits import msgmax
+    from .protocol import HEADER_SIZE, Flag, Kind, ProtocolError, split_task_body, unpack_header
+
+    queue = sysv_ipc.MessageQueue(key, 0, max_message_size=max(msgmax(), 1 << 16))
+    messages = files = 0
+    while True:
+        try:
+            raw, _ = queue.receive(block=False)
+        except sysv_ipc.BusyError:
+            break
+        except sysv_ipc.ExistentialError:
+            break
+        except sysv_ipc.Error:
+            continue
+        messages += 1
+        try:
+            h = unpack_header(raw)
+            if h.kind == Kind.TASK and h.flags & Flag.SPILL:
+                _, ref = split_task_body(memoryview(raw)[HEADER_SIZE:])
+                before = len(spill.list_files())
+                spill.discard(bytes(ref).decode("ascii", "replace"))
+                files += before - len(spill.list_files())
+        except ProtocolError:
+            pass
+    return messages, files
+
+
+def remove_queue(key: int) -> tuple[int, int]:
+    """Purge ``key``'s queue (:func:`purge_queue`), remove it from the kernel and
+    remove its spill directory and metadata. The inverse of creating an
+    ``MQExecutor(key)``; for tests and operators (``mqexecutor rm``).
+
+    Returns:
+        (messages dropped, spill files removed).
+
+    Raises:
+        sysv_ipc.ExistentialError: no queue has this key.
+        sysv_ipc.PermissionsError: this user may not remove it.
+    """
+    import sysv_ipc
+
+    counts = purge_queue(key)
+    sysv_ipc.MessageQueue(key, 0).remove()
+    spill.remove_subdir(spill.key_subdir(key))
+    return counts
