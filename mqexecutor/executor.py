@@ -236,7 +236,8 @@ class _PoolState:
 
     def __init__(self, *, key: int | None, max_workers: int, mode: Mode, mp_context: Any,
                  initializer: bytes | None, max_tasks_per_child: int | None,
-                 queue_mode: int, attach: bool = False):
+                 queue_mode: int, attach: bool = False, allow: tuple = (),
+                 swoole_handler: str | None = None):
         self.pid = os.getpid()
         self.token = _RNG.getrandbits(64) or 1
         self.mode = mode
@@ -247,6 +248,8 @@ class _PoolState:
         self.max_tasks_per_child = max_tasks_per_child
         self.explicit_key = key is not None
         self.attach = attach
+        self.allow = tuple(allow)
+        self.swoole_handler = swoole_handler
         self.abandon = False
         self.completed = 0
         self.lock = threading.RLock()
@@ -326,7 +329,8 @@ class _PoolState:
             owner_reply_key=self.reply_queue.key, scoreboard_path=self.board.path,
             initializer=self.initializer, max_tasks=self.max_tasks_per_child,
             private_queue=not self.explicit_key, owner_subdir=self.subdir,
-            spill_env=os.environ.get(spill.ENV_SPILL_DIR))
+            spill_env=os.environ.get(spill.ENV_SPILL_DIR), allow=self.allow,
+            swoole_handler=self.swoole_handler)
         self.board.idle(wid)
         p = self.ctx.Process(target=run_worker, args=(cfg,),
                              name=f"mqexecutor-worker-{wid}")
@@ -847,6 +851,11 @@ class MQExecutor(Executor):
             ``fork`` (fast start; workers re-forked later from a helper thread).
         queue_mode (int): permission bits of a queue this executor creates
             (default 0o600: only this user can post tasks, i.e. run code).
+        allow (iterable of str): fnmatch patterns of ``"module:qualname"`` that
+            JSON tasks from other programs may call (:mod:`mqexecutor.external`);
+            empty (default): JSON tasks are refused.
+        swoole_handler (str | None): ``"module:function"`` that receives every
+            message as Swoole packets, like Swoole's onTask (:mod:`mqexecutor.swoole`).
         capacity (int | None): bytes of msg_qbytes to ask the kernel for. Above
             kernel.msgmnb this needs CAP_SYS_RESOURCE; when refused, a
             CapacityWarning names the limit in force and tasks beyond it wait in
@@ -866,7 +875,8 @@ class MQExecutor(Executor):
                  mode: Mode | int = Mode.PREEMPTIVE, initializer: Callable | None = None,
                  initargs: tuple = (), max_tasks_per_child: int | None = None,
                  mp_context: Any = None, queue_mode: int = 0o600,
-                 capacity: int | None = None):
+                 capacity: int | None = None, allow: Iterable[str] = (),
+                 swoole_handler: str | None = None):
         key, mode = _check_key_mode(key, mode)
         if max_workers is None:
             max_workers = _cpu_count()
@@ -894,7 +904,8 @@ class MQExecutor(Executor):
         self._setup(_PoolState(key=key, max_workers=max_workers, mode=mode,
                                mp_context=mp_context, initializer=init_bytes,
                                max_tasks_per_child=max_tasks_per_child,
-                               queue_mode=queue_mode), capacity)
+                               queue_mode=queue_mode, allow=tuple(allow),
+                               swoole_handler=swoole_handler), capacity)
 
     @classmethod
     def attach(cls, key: int, *, mode: Mode | int = Mode.PREEMPTIVE,

@@ -83,6 +83,12 @@ class WorkerConfig:
     private_queue: bool = False
     owner_subdir: str = ""
     spill_env: str | None = None
+    #: fnmatch patterns of "module:qualname" that JSON tasks may call
+    #: (:mod:`mqexecutor.external`); empty: JSON tasks are refused.
+    allow: tuple = ()
+    #: "module:function" handed every message as Swoole's onTask would be
+    #: (:mod:`mqexecutor.swoole`); None: messages are mqexecutor's own.
+    swoole_handler: str | None = None
 
 
 def _on_stop(signum, frame) -> None:
@@ -183,6 +189,21 @@ class _Replier:
                     self._bury(key, producer_pid, token)
                     return False
 
+    def send_raw(self, key: int, mtype: int, message: bytes) -> bool:
+        """Send ``message`` with type ``mtype`` to the queue of ``key`` (for
+        external producers' replies). Never blocks: gives up after ~1 s of a full
+        queue. Returns False when it could not be sent."""
+        for _ in range(100):
+            try:
+                q = self._queues.get(key) or self._queue(key)
+                q.send(message, block=False, type=mtype)
+                return True
+            except sysv_ipc.BusyError:
+                time.sleep(0.01)
+            except (sysv_ipc.Error, ValueError):
+                return False
+        return False
+
     def _bury(self, key: int, producer_pid: int, token: int) -> None:
         self._queues.pop(key, None)
         try:
@@ -237,6 +258,10 @@ class _Worker:
         self.inline_max = msgmax() - HEADER_SIZE
         self.mtype = cfg.worker_id + 1 if cfg.targeted else 0
         self.rejected = 0
+        self.swoole = None
+        if cfg.swoole_handler:
+            from . import swoole
+            self.swoole = swoole.load_handler(cfg.swoole_handler)
 
     def initialize(self) -> bool:
         if not self.cfg.initializer:
@@ -287,6 +312,21 @@ class _Worker:
         _report(f"set aside a message of {len(raw)} bytes: {reason}")
 
     def handle(self, raw: bytes) -> None:
+        if self.swoole is not None:
+            from . import swoole
+            reason = swoole.handle_packet(raw, self.swoole)
+            if reason is not None:
+                self.reject(raw, reason)
+            return
+        if raw[:1] == b"{":
+            from . import external
+            reason = external.handle_json(raw, self.cfg.allow, self.replier.send_raw)
+            if reason is not None:
+                self.reject(raw, reason)
+            return
+        self.handle_task(raw)
+
+    def handle_task(self, raw: bytes) -> None:
         global _task_id
         try:
             h = unpack_header(raw)
