@@ -89,9 +89,9 @@ def dumps(obj: Any, inline_max: int, subdir: str) -> tuple[bytes, bool]:
     return spill.write(subdir, data, buffers).encode("ascii"), True
 
 
-def loads(body: bytes | memoryview, spilled: bool) -> Any:
+def loads(body: bytes | memoryview, spilled: bool, keep: bool = False) -> Any:
     """Inverse of :func:`dumps`: unpickle ``body`` or the spill file it names
-    (the file is unlinked once open).
+    (the file is unlinked once open, unless ``keep``).
 
     Raises:
         spill.SpillError: the reference is bad or the file is missing.
@@ -99,5 +99,5 @@ def loads(body: bytes | memoryview, spilled: bool) -> Any:
     """
     if spilled:
         reference = bytes(body).decode("ascii", "replace")
-        return spill.load(reference, pickle.loads)
+        return spill.load(reference, pickle.loads, unlink=not keep)
     return pickle.loads(body)

@@ -22,6 +22,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import sys
 import threading
 import time
 import traceback
@@ -34,18 +35,19 @@ from typing import Any, Callable, Iterable, Iterator
 
 import sysv_ipc
 
-from . import codec, ipcinfo, persistence, queues, spill
+from . import codec, deadletter, ipcinfo, persistence, queues, spill
 from .errors import (BrokenMQPool, QueueModeError, RemoteTraceback,
                      ResultUnpicklingError, TaskUnpicklingError, TerminatedWorkerError)
 from .limits import msgmax
-from .protocol import (CONTROL_MTYPE, HEADER_SIZE, PREEMPTIVE_MTYPE, WIRE_VERSION, Flag, Kind,
-                       ProtocolError, Status, replace_route,
+from .protocol import (CONTROL_MTYPE, HEADER_SIZE, PREEMPTIVE_MTYPE, TAG_SIZE, WIRE_VERSION,
+                       Flag, Kind, ProtocolError, Status, build, parse, replace_route,
                        pack_header, split_task_body, targeted_mtype, task_body,
                        unpack_header)
 from .scoreboard import BUSY, Scoreboard
 from .worker import EXIT_INIT_FAILED, STOP_SIGNAL, WorkerConfig, run_worker
 
-__all__ = ["MQExecutor", "MQFuture", "Mode", "PoolStats", "StrandedTask", "CapacityWarning"]
+__all__ = ["MQExecutor", "MQFuture", "Mode", "PoolStats", "StrandedTask", "CapacityWarning",
+           "TaskOptions"]
 
 
 class CapacityWarning(RuntimeWarning):
@@ -66,6 +68,7 @@ class PoolStats:
         completed (int): its tasks finished (result or exception) so far.
         workers (int): live worker processes started by this executor.
         inherited (int): tasks found in the queue when it attached.
+        rejected (int): messages its workers set aside as dead letters.
     """
 
     key: int
@@ -78,6 +81,7 @@ class PoolStats:
     completed: int
     workers: int
     inherited: int
+    rejected: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,15 +164,19 @@ class MQFuture(Future):
 
 
 class _WorkItem:
-    __slots__ = ("future", "message", "mtype", "worker", "spill_ref")
+    __slots__ = ("future", "message", "mtype", "worker", "spill_ref", "retries", "attempts",
+                 "keep")
 
     def __init__(self, future: MQFuture, message: bytes, mtype: int, worker: int,
-                 spill_ref: str | None):
+                 spill_ref: str | None, retries: int = 0, keep: bool = False):
         self.future = future
         self.message = message
         self.mtype = mtype
         self.worker = worker
         self.spill_ref = spill_ref
+        self.retries = retries  # runs left after a worker death
+        self.attempts = 0
+        self.keep = keep  # keep the message: it may be sent again
 
 
 def _spill_reference(task_message: bytes) -> str:
@@ -237,7 +245,8 @@ class _PoolState:
     def __init__(self, *, key: int | None, max_workers: int, mode: Mode, mp_context: Any,
                  initializer: bytes | None, max_tasks_per_child: int | None,
                  queue_mode: int, attach: bool = False, allow: tuple = (),
-                 swoole_handler: str | None = None):
+                 swoole_handler: str | None = None, authkey: bytes | None = None,
+                 retries: int = 0):
         self.pid = os.getpid()
         self.token = _RNG.getrandbits(64) or 1
         self.mode = mode
@@ -248,6 +257,8 @@ class _PoolState:
         self.max_tasks_per_child = max_tasks_per_child
         self.explicit_key = key is not None
         self.attach = attach
+        self.authkey = authkey
+        self.retries = retries
         self.allow = tuple(allow)
         self.swoole_handler = swoole_handler
         self.abandon = False
@@ -263,7 +274,7 @@ class _PoolState:
         self.terminating = False
         self.broken: str | None = None
         self.closed = False
-        self.inline_max = msgmax() - HEADER_SIZE
+        self.inline_max = msgmax() - HEADER_SIZE - (TAG_SIZE if authkey else 0)
         self.subdir = spill.producer_subdir(self.pid, self.token)
         self.task_subdir = spill.key_subdir(key) if key is not None else self.subdir
         self.task_queue: sysv_ipc.MessageQueue | None = None
@@ -307,6 +318,8 @@ class _PoolState:
         if self.board is not None:
             self.board.close()
         spill.remove_subdir(self.subdir)
+        if not self.explicit_key and self.task_queue is not None:
+            spill.remove_subdir(spill.key_subdir(self.task_queue.key))
         for fd in (self.wake_r, self.wake_w):
             try:
                 os.close(fd)
@@ -330,7 +343,7 @@ class _PoolState:
             initializer=self.initializer, max_tasks=self.max_tasks_per_child,
             private_queue=not self.explicit_key, owner_subdir=self.subdir,
             spill_env=os.environ.get(spill.ENV_SPILL_DIR), allow=self.allow,
-            swoole_handler=self.swoole_handler)
+            swoole_handler=self.swoole_handler, authkey=self.authkey)
         self.board.idle(wid)
         p = self.ctx.Process(target=run_worker, args=(cfg,),
                              name=f"mqexecutor-worker-{wid}")
@@ -403,7 +416,9 @@ class _PoolState:
             if isinstance(exc, sysv_ipc.Error):
                 raise BrokenMQPool(f"the task queue is gone: {exc}") from None
             raise
-        item.message = b""
+        item.attempts += 1
+        if not item.keep:
+            item.message = b""
         return True
 
     def forget(self, item: _WorkItem) -> None:
@@ -574,11 +589,11 @@ def _collector_loop(state: _PoolState) -> None:
 
 def _handle_result(state: _PoolState, raw: bytes) -> None:
     try:
-        h = unpack_header(raw)
-    except ProtocolError:
+        h, body = parse(raw, state.authkey)
+    except ProtocolError as exc:
+        sys.stderr.write(f"mqexecutor: refused a message on the reply queue: {exc}\n")
         return
     spilled = bool(h.flags & Flag.SPILL)
-    body = memoryview(raw)[HEADER_SIZE:]
     if h.kind != Kind.RESULT or h.token != state.token:
         if spilled and h.token == state.token:
             spill.discard(bytes(body).decode("ascii", "replace"))
@@ -598,6 +613,8 @@ def _handle_result(state: _PoolState, raw: bytes) -> None:
         if spilled:
             spill.discard(bytes(body).decode("ascii", "replace"))
         return
+    if item.keep and item.spill_ref:
+        spill.discard(item.spill_ref)  # normally gone already: the worker unlinks it
     fut = item.future
     state.completed += 1
     try:
@@ -638,13 +655,25 @@ def _worker_exited(state: _PoolState, wid: int) -> None:
     if slot.state == BUSY:
         reason = _describe_exit(p.exitcode)
         if slot.token == state.token:
-            item = state.take(slot.task_id)
+            item = state.pending.get(slot.task_id)
+            if item is not None and item.retries > 0 and item.message and not item.future.done():
+                item.retries -= 1  # run it again (retries=)
+                with state.lock:
+                    state.backlog.appendleft(item)
+                state.feed()
+                item = None
+            else:
+                item = state.take(slot.task_id)
             if item is not None and not item.future.done():
                 fut = item.future
+                tries = f" (attempt {item.attempts})" if item.attempts > 1 else ""
                 err = TerminatedWorkerError(
                     f"task worker {wid} (pid {p.pid}) died with {reason} while running "
-                    f"task {slot.task_id} ({fut.fn_name})", worker_id=wid, pid=p.pid or 0,
-                    exitcode=p.exitcode, task_id=slot.task_id, fn_name=fut.fn_name)
+                    f"task {slot.task_id} ({fut.fn_name}){tries}", worker_id=wid,
+                    pid=p.pid or 0, exitcode=p.exitcode, task_id=slot.task_id,
+                    fn_name=fut.fn_name)
+                if item.spill_ref and item.keep:
+                    spill.discard(item.spill_ref)
                 try:
                     fut.set_exception(err)
                 except _futures_base.InvalidStateError:
@@ -674,8 +703,8 @@ def _tell_producer(state: _PoolState, wid: int, p: Any, slot: Any, reason: str) 
     try:
         body, spilled = codec.dumps(err, state.inline_max,
                                     spill.producer_subdir(slot.producer_pid, slot.token))
-        msg = pack_header(Kind.RESULT, Flag.SPILL if spilled else 0, Status.WORKER_DIED,
-                          slot.task_id, slot.token, 0, p.pid or 0, wid, len(body)) + body
+        msg = build(Kind.RESULT, Flag.SPILL if spilled else 0, Status.WORKER_DIED,
+                    slot.task_id, slot.token, 0, p.pid or 0, wid, body, state.authkey)
         queues.open_queue(slot.reply, create=False).send(msg, block=False)
     except (sysv_ipc.Error, OSError):
         pass
@@ -780,6 +809,28 @@ def _check_key_mode(key: Any, mode: Any) -> tuple[int | None, Mode]:
     return key, mode
 
 
+def _check_authkey(authkey: Any) -> bytes | None:
+    if authkey is None:
+        return None
+    if isinstance(authkey, str):
+        raise TypeError("authkey must be bytes (e.g. os.urandom(32)), not str")
+    try:
+        authkey = bytes(authkey)
+    except TypeError:
+        raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}") from None
+    if len(authkey) < 16:
+        raise ValueError(f"authkey must be at least 16 bytes, not {len(authkey)}")
+    return authkey
+
+
+def _check_retries(retries: Any) -> int:
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise TypeError(f"retries must be an int, not {retries!r}")
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, not {retries}")
+    return retries
+
+
 def _check_capacity(capacity: Any) -> None:
     if capacity is None:
         return
@@ -856,6 +907,13 @@ class MQExecutor(Executor):
             empty (default): JSON tasks are refused.
         swoole_handler (str | None): ``"module:function"`` that receives every
             message as Swoole packets, like Swoole's onTask (:mod:`mqexecutor.swoole`).
+        authkey (bytes | None): a secret of 16 bytes or more. Every message then
+            carries an HMAC-SHA256 and workers refuse, without unpickling, any
+            message whose HMAC is missing or wrong (so a local user who can
+            write to the queue cannot run code). None: no HMAC.
+        retries (int): run a task again, at most this many times, when the
+            worker running it dies (default 0). Per task:
+            ``ex.with_options(retries=N).submit(...)``.
         capacity (int | None): bytes of msg_qbytes to ask the kernel for. Above
             kernel.msgmnb this needs CAP_SYS_RESOURCE; when refused, a
             CapacityWarning names the limit in force and tasks beyond it wait in
@@ -876,7 +934,8 @@ class MQExecutor(Executor):
                  initargs: tuple = (), max_tasks_per_child: int | None = None,
                  mp_context: Any = None, queue_mode: int = 0o600,
                  capacity: int | None = None, allow: Iterable[str] = (),
-                 swoole_handler: str | None = None):
+                 swoole_handler: str | None = None, authkey: bytes | None = None,
+                 retries: int = 0):
         key, mode = _check_key_mode(key, mode)
         if max_workers is None:
             max_workers = _cpu_count()
@@ -892,6 +951,8 @@ class MQExecutor(Executor):
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
         _check_capacity(capacity)
+        authkey = _check_authkey(authkey)
+        retries = _check_retries(retries)
         if mp_context is None:
             mp_context = multiprocessing.get_context("fork")
         init_bytes = None
@@ -905,11 +966,13 @@ class MQExecutor(Executor):
                                mp_context=mp_context, initializer=init_bytes,
                                max_tasks_per_child=max_tasks_per_child,
                                queue_mode=queue_mode, allow=tuple(allow),
-                               swoole_handler=swoole_handler), capacity)
+                               swoole_handler=swoole_handler, authkey=authkey,
+                               retries=retries), capacity)
 
     @classmethod
     def attach(cls, key: int, *, mode: Mode | int = Mode.PREEMPTIVE,
-               workers: int | None = None) -> "MQExecutor":
+               workers: int | None = None, authkey: bytes | None = None,
+               retries: int = 0) -> "MQExecutor":
         """An executor that starts no workers and submits to the pool another
         process serves on ``key`` (``mqexecutor serve`` or an MQExecutor).
 
@@ -922,6 +985,9 @@ class MQExecutor(Executor):
             mode: the pool's mode; a mismatch with the pool raises.
             workers (int | None): the pool's size, for ``submit_to`` range checks;
                 read from the pool's metadata when None.
+            authkey (bytes | None): the pool's HMAC key, when it has one.
+            retries (int): as in the constructor; a worker death is reported to
+                this process by the pool's owner.
 
         Raises:
             sysv_ipc.ExistentialError: no queue has this key.
@@ -940,7 +1006,9 @@ class MQExecutor(Executor):
         self = cls.__new__(cls)
         self._setup(_PoolState(key=key, max_workers=workers, mode=mode,
                                mp_context=None, initializer=None, max_tasks_per_child=None,
-                               queue_mode=0o600, attach=True), None)
+                               queue_mode=0o600, attach=True,
+                               authkey=_check_authkey(authkey),
+                               retries=_check_retries(retries)), None)
         return self
 
     def _setup(self, state: _PoolState, capacity: int | None) -> None:
@@ -1056,8 +1124,12 @@ class MQExecutor(Executor):
                 if worker >= 0:
                     fut.worker_id = worker
                     state.outstanding[worker] += 1
-                message = replace_route(raw, task_id, state.token, state.reply_queue.key,
-                                        state.pid)
+                try:
+                    message = replace_route(raw, task_id, state.token, state.reply_queue.key,
+                                            state.pid, state.authkey)
+                except ProtocolError as exc:
+                    deadletter.record(self._key, raw, f"not adopted: {exc}", None)
+                    continue
                 ref = bytes(payload).decode("ascii", "replace") if h.flags & Flag.SPILL else None
                 item = _WorkItem(fut, message, mtype, worker, ref)
                 state.pending[task_id] = item
@@ -1131,7 +1203,8 @@ class MQExecutor(Executor):
             queued_messages=info.qnum if info else 0,
             queued_bytes=info.cbytes if info else 0, capacity_bytes=capacity,
             backlog=backlog, running=running, completed=state.completed, workers=workers,
-            inherited=self._inherited)
+            inherited=self._inherited,
+            rejected=_rejected(state))
 
     # -- submitting --------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> MQFuture:
@@ -1163,6 +1236,10 @@ class MQExecutor(Executor):
             ValueError: ``worker_id`` out of range.
             RuntimeError, BrokenMQPool: as :meth:`submit`.
         """
+        self._check_target(worker_id)
+        return self._submit(fn, args, kwargs, worker_id)
+
+    def _check_target(self, worker_id: Any) -> None:
         if self._mode != Mode.TARGETED:
             raise QueueModeError("submit_to() sends to one worker and needs "
                                  "mode=Mode.TARGETED; this executor is Mode.PREEMPTIVE")
@@ -1170,7 +1247,18 @@ class MQExecutor(Executor):
                 or not 0 <= worker_id < self._max_workers):
             raise ValueError(f"worker_id must be in 0..{self._max_workers - 1}, "
                              f"not {worker_id!r}")
-        return self._submit(fn, args, kwargs, worker_id)
+
+    def with_options(self, *, retries: int | None = None) -> "TaskOptions":
+        """A view of this executor whose ``submit``, ``submit_to`` and ``map``
+        apply per-task options.
+
+        Args:
+            retries (int | None): runs after a worker death (None: the
+                executor's ``retries``).
+
+        Example: ``ex.with_options(retries=3).submit(fetch, url)``.
+        """
+        return TaskOptions(self, retries=None if retries is None else _check_retries(retries))
 
     def _check_open(self) -> None:
         state = self._state
@@ -1182,20 +1270,24 @@ class MQExecutor(Executor):
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict,
-                target: int | None) -> MQFuture:
+                target: int | None, retries: int | None = None) -> MQFuture:
         state = self._state
         self._check_open()
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
+        if retries is None:
+            retries = state.retries
         fut = MQFuture(0, _fn_name(fn), state.lock)
+        keep = retries > 0
         try:
-            body, spilled = codec.dumps((fn, args, kwargs), state.inline_max,
-                                        state.task_subdir)
+            room = state.inline_max - 2 - len(fut.fn_name.encode("utf-8", "replace")[:255])
+            body, spilled = codec.dumps((fn, args, kwargs), room, state.task_subdir)
         except Exception as exc:  # noqa: BLE001 - fails the Future, as ProcessPoolExecutor
             fut.set_exception(exc)
             return fut
         spill_ref = body.decode("ascii") if spilled else None
-        flags = (Flag.SPILL if spilled else 0) | (Flag.TARGETED if state.targeted else 0)
+        flags = ((Flag.SPILL if spilled else 0) | (Flag.TARGETED if state.targeted else 0)
+                 | (Flag.KEEP_SPILL if keep and spilled else 0))
         with state.lock:
             try:
                 self._check_open()
@@ -1215,11 +1307,9 @@ class MQExecutor(Executor):
             else:
                 mtype, worker = PREEMPTIVE_MTYPE, -1
             assert state.reply_queue is not None
-            body = task_body(fut.fn_name, body)
-            message = pack_header(Kind.TASK, flags, 0, task_id, state.token,
-                                  state.reply_queue.key, state.pid, worker,
-                                  len(body)) + body
-            item = _WorkItem(fut, message, mtype, worker, spill_ref)
+            message = build(Kind.TASK, flags, 0, task_id, state.token, state.reply_queue.key,
+                            state.pid, worker, task_body(fut.fn_name, body), state.authkey)
+            item = _WorkItem(fut, message, mtype, worker, spill_ref, retries, keep)
             state.pending[task_id] = item
             try:
                 if not state.backlog and state.send_now(item):
@@ -1235,7 +1325,8 @@ class MQExecutor(Executor):
         return fut
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
-            chunksize: int = 1, buffersize: int | None = None) -> Iterator:
+            chunksize: int = 1, buffersize: int | None = None,
+            _options: "TaskOptions | None" = None) -> Iterator:
         """Ordered, lazy ``map(fn, *iterables)`` run by the workers, as Python
         3.14's ProcessPoolExecutor.map.
 
@@ -1263,10 +1354,12 @@ class MQExecutor(Executor):
         if chunksize > 1:
             args_iter = _chunks(args_iter, chunksize)
 
+        retries = _options.retries if _options is not None else None
+
         def submit_one(executor: "MQExecutor", a: Any) -> MQFuture:
             if chunksize > 1:
-                return executor.submit(_process_chunk, fn, a)
-            return executor.submit(fn, *a)
+                return executor._submit(_process_chunk, (fn, a), {}, None, retries)
+            return executor._submit(fn, a, {}, None, retries)
 
         if buffersize:
             fs = collections.deque(submit_one(self, a)
@@ -1347,6 +1440,36 @@ class MQExecutor(Executor):
         """As :meth:`terminate_workers`, with SIGKILL (Python 3.14)."""
         import signal as _signal
         self._force_shutdown(_signal.SIGKILL)
+
+
+def _rejected(state: _PoolState) -> int:
+    try:
+        return state.board.rejected() if state.board is not None else 0
+    except (ValueError, OSError):  # closed at shutdown
+        return 0
+
+
+class TaskOptions:
+    """Per-task options bound to an executor (:meth:`MQExecutor.with_options`)."""
+
+    def __init__(self, executor: MQExecutor, *, retries: int | None = None):
+        self._executor = executor
+        self.retries = retries
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> MQFuture:
+        """As :meth:`MQExecutor.submit`, with these options."""
+        return self._executor._submit(fn, args, kwargs, None, self.retries)
+
+    def submit_to(self, worker_id: int, fn: Callable, /, *args: Any, **kwargs: Any
+                  ) -> MQFuture:
+        """As :meth:`MQExecutor.submit_to`, with these options."""
+        ex = self._executor
+        ex._check_target(worker_id)
+        return ex._submit(fn, args, kwargs, worker_id, self.retries)
+
+    def map(self, fn: Callable, *iterables: Iterable, **kw: Any) -> Iterator:
+        """As :meth:`MQExecutor.map`, with these options."""
+        return self._executor.map(fn, *iterables, _options=self, **kw)
 
 
 def _chunks(iterator: Iterator, size: int) -> Iterator[list]:

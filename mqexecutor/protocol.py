@@ -26,6 +26,7 @@ describes the format for producers written in other languages.
 from __future__ import annotations
 
 import enum
+import hmac
 import struct
 from typing import NamedTuple
 
@@ -33,7 +34,7 @@ __all__ = [
     "MAGIC", "WIRE_VERSION", "HEADER_FORMAT", "HEADER_SIZE", "Kind", "Flag", "Status",
     "Header", "ProtocolError", "pack_header", "unpack_header", "PREEMPTIVE_MTYPE",
     "RESULT_MTYPE", "CONTROL_MTYPE", "targeted_mtype", "task_body", "split_task_body",
-    "replace_route",
+    "replace_route", "build", "parse", "AuthError", "TAG_SIZE",
 ]
 
 MAGIC = b"MQ"
@@ -78,6 +79,13 @@ class Flag(enum.IntFlag):
     TARGETED = 0x0002
     #: The task's body is a list of calls; its result a list of outcomes.
     BATCH = 0x0004
+    #: The last TAG_SIZE (32) bytes are an HMAC-SHA256, under the pool's authkey,
+    #: of everything before them (header included); ``length`` counts them.
+    AUTH = 0x0008
+    #: The worker must not unlink the task's spill file when it opens it, only
+    #: after the result is sent: the producer may need to send it again
+    #: (retries, durable mode).
+    KEEP_SPILL = 0x0010
 
 
 class Status(enum.IntEnum):
@@ -98,6 +106,14 @@ class Status(enum.IntEnum):
 
 class ProtocolError(ValueError):
     """A message is not a valid mqexecutor message (bad magic, version, size...)."""
+
+
+class AuthError(ProtocolError):
+    """A message's HMAC is missing or wrong for the pool's authkey."""
+
+
+#: Bytes of the HMAC-SHA256 tag that ends a message with Flag.AUTH.
+TAG_SIZE = 32
 
 
 class Header(NamedTuple):
@@ -175,10 +191,54 @@ def unpack_header(data: bytes | memoryview) -> Header:
                   version)
 
 
-def replace_route(message: bytes, task_id: int, token: int, reply: int, pid: int) -> bytes:
+def replace_route(message: bytes, task_id: int, token: int, reply: int, pid: int,
+                  authkey: bytes | None = None) -> bytes:
     """A copy of a TASK message addressed to another producer: same flags,
-    worker and body, new task id, token, reply key and pid. Used to adopt the
-    tasks of a producer that died (MQExecutor.recovered)."""
-    h = unpack_header(message)
-    return pack_header(h.kind, h.flags, h.status, task_id, token, reply, pid, h.worker,
-                       h.length) + bytes(memoryview(message)[HEADER_SIZE:])
+    worker and body, new task id, token, reply key and pid (signed again with
+    ``authkey``). Used to adopt the tasks of a producer that died.
+
+    Raises:
+        ProtocolError, AuthError: as :func:`parse` with ``authkey``.
+    """
+    h, body = parse(message, authkey)
+    return build(h.kind, h.flags, h.status, task_id, token, reply, pid, h.worker,
+                 bytes(body), authkey)
+
+
+def build(kind: int, flags: int, status: int, task_id: int, token: int, reply: int,
+          pid: int, worker: int, body: bytes, authkey: bytes | None = None) -> bytes:
+    """A whole message: header, body and, when ``authkey`` is given, the
+    HMAC-SHA256 tag of both (Flag.AUTH is then set)."""
+    if authkey:
+        flags |= Flag.AUTH
+        message = pack_header(kind, flags, status, task_id, token, reply, pid, worker,
+                              len(body) + TAG_SIZE) + body
+        return message + hmac.digest(authkey, message, "sha256")
+    return pack_header(kind, flags & ~Flag.AUTH, status, task_id, token, reply, pid, worker,
+                       len(body)) + body
+
+
+def parse(raw: bytes, authkey: bytes | None = None) -> tuple[Header, memoryview]:
+    """Check a whole message; returns (header, body without the tag).
+
+    With ``authkey``, the message must carry a valid HMAC (checked before
+    anything in the body is looked at). Without it, a tag is stripped unchecked.
+
+    Raises:
+        ProtocolError: malformed header (see :func:`unpack_header`).
+        AuthError: ``authkey`` is given and the tag is missing or wrong.
+    """
+    h = unpack_header(raw)
+    view = memoryview(raw)[HEADER_SIZE:]
+    if h.flags & Flag.AUTH:
+        if len(view) < TAG_SIZE:
+            raise ProtocolError("message flagged AUTH is shorter than its HMAC tag")
+        if authkey and not hmac.compare_digest(
+                hmac.digest(authkey, memoryview(raw)[:-TAG_SIZE], "sha256"),
+                bytes(view[-TAG_SIZE:])):
+            raise AuthError("HMAC does not match the pool's authkey: refused unread")
+        return h, view[:-TAG_SIZE]
+    if authkey:
+        raise AuthError("message carries no HMAC and the pool requires one (authkey): "
+                        "refused unread")
+    return h, view

@@ -9,7 +9,9 @@ by another process (``MQExecutor.attach``) fails in that process too.
 
 Slot layout, 32 bytes, little-endian::
 
-    task_id u64 | token u64 | reply key i32 | producer pid i32 | state u32 | pad u32
+    task_id u64 | token u64 | reply key i32 | producer pid i32 | state u32 | rejected u32
+
+``rejected`` counts the messages the worker under that id set aside (dead letters).
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from typing import NamedTuple
 
 __all__ = ["Scoreboard", "Slot", "IDLE", "BUSY", "SLOT_SIZE"]
 
-_SLOT = struct.Struct("<QQiiII")
-SLOT_SIZE = _SLOT.size
+_SLOT = struct.Struct("<QQiiI")
+_COUNT = struct.Struct("<I")
+SLOT_SIZE = 32
 IDLE = 0
 BUSY = 1
 
@@ -62,15 +65,26 @@ class Scoreboard:
 
     def busy(self, slot: int, task_id: int, token: int, reply: int, pid: int) -> None:
         """Record that worker ``slot`` has taken task ``task_id``."""
-        _SLOT.pack_into(self._mm, slot * SLOT_SIZE, task_id, token, reply, pid, BUSY, 0)
+        _SLOT.pack_into(self._mm, slot * SLOT_SIZE, task_id, token, reply, pid, BUSY)
 
     def idle(self, slot: int) -> None:
         """Record that worker ``slot`` runs nothing."""
-        _SLOT.pack_into(self._mm, slot * SLOT_SIZE, 0, 0, 0, 0, IDLE, 0)
+        _SLOT.pack_into(self._mm, slot * SLOT_SIZE, 0, 0, 0, 0, IDLE)
 
     def read(self, slot: int) -> Slot:
         """The slot of worker ``slot``."""
-        return Slot(*_SLOT.unpack_from(self._mm, slot * SLOT_SIZE)[:5])
+        return Slot(*_SLOT.unpack_from(self._mm, slot * SLOT_SIZE))
+
+    def add_rejected(self, slot: int) -> None:
+        """Count one more message set aside by worker ``slot``."""
+        off = slot * SLOT_SIZE + 28
+        (n,) = _COUNT.unpack_from(self._mm, off)
+        _COUNT.pack_into(self._mm, off, (n + 1) & 0xFFFFFFFF)
+
+    def rejected(self) -> int:
+        """Messages set aside by all workers so far."""
+        return sum(_COUNT.unpack_from(self._mm, i * SLOT_SIZE + 28)[0]
+                   for i in range(self.nslots))
 
     def close(self) -> None:
         try:

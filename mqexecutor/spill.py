@@ -233,7 +233,7 @@ def parse_reference(reference: str) -> tuple[int, str, str]:
     return index, m.group(2), m.group(3)
 
 
-def _open_spill(reference: str) -> int:
+def _open_spill(reference: str, unlink: bool = True) -> int:
     index, subdir, name = parse_reference(reference)
     root = root_dir(index, create=False)
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -252,22 +252,24 @@ def _open_spill(reference: str) -> int:
         except OSError as exc:
             what = "is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
             raise SpillError(exc.errno, f"spill file {reference}: {what}") from None
-        try:
-            os.unlink(name, dir_fd=sfd)
-        except FileNotFoundError:
-            pass
+        if unlink:
+            try:
+                os.unlink(name, dir_fd=sfd)
+            except FileNotFoundError:
+                pass
         return fd
     finally:
         os.close(sfd)
         os.close(rfd)
 
 
-def load(reference: str, loads: Callable[..., Any]) -> Any:
+def load(reference: str, loads: Callable[..., Any], unlink: bool = True) -> Any:
     """Open, unlink and unpickle the spill file named by ``reference``.
 
     Args:
         reference: as returned by :func:`write`.
         loads: ``pickle.loads``-compatible function taking ``buffers=``.
+        unlink: remove the file once open (the default; the receiver unlinks).
 
     Returns:
         The unpickled object. Out-of-band buffers (e.g. NumPy arrays) are views of
@@ -277,7 +279,7 @@ def load(reference: str, loads: Callable[..., Any]) -> Any:
         SpillError: bad reference, missing file, symbolic link, bad file format.
         Any exception of ``loads``.
     """
-    fd = _open_spill(reference)
+    fd = _open_spill(reference, unlink)
     try:
         size = os.fstat(fd).st_size
         if size < _FIXED.size:

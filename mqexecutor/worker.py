@@ -35,10 +35,10 @@ from typing import Any
 
 import sysv_ipc
 
-from . import codec, spill
+from . import codec, deadletter, spill
 from .limits import msgmax
-from .protocol import (HEADER_SIZE, RESULT_MTYPE, Flag, Kind, ProtocolError, Status,
-                       pack_header, split_task_body, unpack_header)
+from .protocol import (HEADER_SIZE, RESULT_MTYPE, Flag, Kind, ProtocolError, Status, build,
+                       parse, split_task_body)
 from .scoreboard import Scoreboard
 
 __all__ = ["worker_id", "current_task_id", "WorkerConfig", "run_worker", "EXIT_INIT_FAILED"]
@@ -86,6 +86,8 @@ class WorkerConfig:
     #: fnmatch patterns of "module:qualname" that JSON tasks may call
     #: (:mod:`mqexecutor.external`); empty: JSON tasks are refused.
     allow: tuple = ()
+    #: HMAC key: when set, messages without a valid tag are refused unread.
+    authkey: bytes | None = None
     #: "module:function" handed every message as Swoole's onTask would be
     #: (:mod:`mqexecutor.swoole`); None: messages are mqexecutor's own.
     swoole_handler: str | None = None
@@ -215,30 +217,32 @@ class _Replier:
 
 
 def _result_message(status: int, task_id: int, token: int, wid: int, obj: Any,
-                    inline_max: int, subdir: str) -> bytes:
+                    inline_max: int, subdir: str, authkey: bytes | None) -> bytes:
     body, spilled = codec.dumps(obj, inline_max, subdir)
     flags = Flag.SPILL if spilled else 0
-    return pack_header(Kind.RESULT, flags, status, task_id, token, 0, os.getpid(), wid,
-                       len(body)) + body
+    return build(Kind.RESULT, flags, status, task_id, token, 0, os.getpid(), wid, body,
+                 authkey)
 
 
 def _encode_outcome(status: int, task_id: int, token: int, wid: int, obj: Any,
-                    inline_max: int, subdir: str) -> bytes:
+                    inline_max: int, subdir: str, authkey: bytes | None = None) -> bytes:
     """Pickle an outcome; when that fails, pickle the failure instead."""
+    if authkey:
+        inline_max -= 32
     try:
-        return _result_message(status, task_id, token, wid, obj, inline_max, subdir)
+        return _result_message(status, task_id, token, wid, obj, inline_max, subdir, authkey)
     except BaseException as exc:  # noqa: BLE001 - SystemExit at pickle time is an outcome
         failure = (exc, _format_exc(exc))
     try:
         return _result_message(Status.RAISED, task_id, token, wid, failure, inline_max,
-                               subdir)
+                               subdir, authkey)
     except BaseException as exc2:  # noqa: BLE001
         text = f"{type(failure[0]).__name__}: {failure[0]}"
         plain = (RuntimeError(f"the task's outcome could not be pickled ({text}), "
                               f"nor the error itself ({type(exc2).__name__}: {exc2})"),
                  failure[1])
         return _result_message(Status.RAISED, task_id, token, wid, plain, inline_max,
-                               subdir)
+                               subdir, authkey)
 
 
 def _report(message: str) -> None:
@@ -273,7 +277,7 @@ class _Worker:
         except BaseException as exc:  # noqa: BLE001
             msg = _encode_outcome(Status.INIT_FAILED, 0, self.cfg.owner_token,
                                   self.cfg.worker_id, (exc, _format_exc(exc)),
-                                  self.inline_max, self.cfg.owner_subdir)
+                                  self.inline_max, self.cfg.owner_subdir, self.cfg.authkey)
             self.replier.send(self.cfg.owner_reply_key, msg, self.cfg.owner_pid)
             return False
 
@@ -308,8 +312,15 @@ class _Worker:
         self.handle(raw)  # no room for 2 s: run it rather than lose it
 
     def reject(self, raw: bytes, reason: str) -> None:
+        """Count, log and keep a message this worker will not run (dead letter)."""
         self.rejected += 1
-        _report(f"set aside a message of {len(raw)} bytes: {reason}")
+        try:
+            self.board.add_rejected(self.cfg.worker_id)
+        except (ValueError, IndexError):
+            pass
+        kept = deadletter.record(self.cfg.task_key, raw, reason, self.cfg.worker_id)
+        where = f"; kept in {kept}" if kept else ""
+        _report(f"set aside a message of {len(raw)} bytes: {reason}{where}")
 
     def handle(self, raw: bytes) -> None:
         if self.swoole is not None:
@@ -328,40 +339,38 @@ class _Worker:
 
     def handle_task(self, raw: bytes) -> None:
         global _task_id
-        try:
-            h = unpack_header(raw)
-        except ProtocolError as exc:
-            self.reject(raw, str(exc))
-            return
-        if h.kind != Kind.TASK:
-            self.reject(raw, f"kind {h.kind} is not a task")
-            return
         cfg = self.cfg
-        subdir = spill.producer_subdir(h.pid, h.token)
         try:
-            _name, body = split_task_body(memoryview(raw)[HEADER_SIZE:])
+            h, body = parse(raw, cfg.authkey)
+            if h.kind != Kind.TASK:
+                raise ProtocolError(f"kind {h.kind} is not a task")
+            _name, body = split_task_body(body)
         except ProtocolError as exc:
             self.reject(raw, str(exc))
             return
+        subdir = spill.producer_subdir(h.pid, h.token)
         spilled = bool(h.flags & Flag.SPILL)
+        keep = bool(h.flags & Flag.KEEP_SPILL)
         if bool(h.flags & Flag.TARGETED) != cfg.targeted:
             mine = "targeted" if cfg.targeted else "preemptive"
             theirs = "targeted" if h.flags & Flag.TARGETED else "preemptive"
             err = ValueError(f"task {h.task_id} was sent in {theirs} mode to a {mine} "
                              "pool: refused")
-            if spilled:
+            self.reject(raw, str(err))
+            if spilled and not keep:
                 spill.discard(bytes(body).decode("ascii", "replace"))
             msg = _encode_outcome(Status.BAD_TASK, h.task_id, h.token, cfg.worker_id,
-                                  (err, ""), self.inline_max, subdir)
-            if not self.replier.send(h.reply, msg, h.pid, h.token):
-                self.reject(raw, str(err))
+                                  (err, ""), self.inline_max, subdir, cfg.authkey)
+            self.replier.send(h.reply, msg, h.pid, h.token)
             return
         self.board.busy(cfg.worker_id, h.task_id, h.token, h.reply, h.pid)
         try:
             try:
-                fn, args, kwargs = codec.loads(body, spilled)
+                fn, args, kwargs = codec.loads(body, spilled, keep=keep)
             except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
                 status, outcome = Status.BAD_TASK, (exc, _format_exc(exc))
+                self.reject(raw, f"task {h.task_id} could not be read: "
+                                 f"{type(exc).__name__}: {exc}")
             else:
                 _task_id = h.task_id
                 try:
@@ -372,12 +381,14 @@ class _Worker:
                     _task_id = None
                 del fn, args, kwargs
             msg = _encode_outcome(status, h.task_id, h.token, cfg.worker_id, outcome,
-                                  self.inline_max, subdir)
+                                  self.inline_max, subdir, cfg.authkey)
             del outcome
             if not self.replier.send(h.reply, msg, h.pid, h.token):
-                m = unpack_header(msg)
+                m, mbody = parse(msg)
                 if m.flags & Flag.SPILL:
-                    spill.discard(msg[HEADER_SIZE:].decode("ascii", "replace"))
+                    spill.discard(bytes(mbody).decode("ascii", "replace"))
+            if spilled and keep:
+                spill.discard(bytes(body).decode("ascii", "replace"))
         finally:
             self.board.idle(cfg.worker_id)
 
