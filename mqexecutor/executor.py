@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import sysv_ipc
 
-from . import codec, deadletter, ipcinfo, persistence, queues, spill
+from . import codec, deadletter, ipcinfo, journal, persistence, queues, spill
 from .errors import (BrokenMQPool, QueueModeError, RemoteTraceback,
                      ResultUnpicklingError, TaskUnpicklingError, TerminatedWorkerError)
 from .limits import msgmax
@@ -246,7 +246,7 @@ class _PoolState:
                  initializer: bytes | None, max_tasks_per_child: int | None,
                  queue_mode: int, attach: bool = False, allow: tuple = (),
                  swoole_handler: str | None = None, authkey: bytes | None = None,
-                 retries: int = 0):
+                 retries: int = 0, durable: bool | str = False):
         self.pid = os.getpid()
         self.token = _RNG.getrandbits(64) or 1
         self.mode = mode
@@ -259,6 +259,7 @@ class _PoolState:
         self.attach = attach
         self.authkey = authkey
         self.retries = retries
+        self.journal: journal.Journal | None = None
         self.allow = tuple(allow)
         self.swoole_handler = swoole_handler
         self.abandon = False
@@ -293,6 +294,9 @@ class _PoolState:
                 self.task_queue = queues.create_private(queue_mode)
             else:
                 self.task_queue = queues.open_queue(key, create=not attach, mode=queue_mode)
+            if durable:
+                self.journal = journal.Journal(
+                    durable if isinstance(durable, str) else journal.default_spool(key))
             if not attach:
                 self.board = Scoreboard(
                     os.path.join(spill.root_dir(0), self.subdir, "scoreboard"),
@@ -424,6 +428,8 @@ class _PoolState:
     def forget(self, item: _WorkItem) -> None:
         """Drop a task that will not run (caller holds the lock)."""
         self.pending.pop(item.future.task_id, None)
+        if self.journal is not None:
+            self.journal.forget(self.token, item.future.task_id)
         if item.worker >= 0:
             self.outstanding[item.worker] -= 1
         if item.spill_ref:
@@ -501,6 +507,8 @@ class _PoolState:
         for item in items:
             if item.spill_ref:
                 spill.discard(item.spill_ref)
+            if self.journal is not None:
+                self.journal.forget(self.token, item.future.task_id)
             fut = item.future
             if not fut.done():
                 try:
@@ -628,8 +636,12 @@ def _handle_result(state: _PoolState, raw: bytes) -> None:
             fut.set_exception(err)
         except _futures_base.InvalidStateError:
             pass
+        if state.journal is not None:
+            state.journal.forget(state.token, h.task_id)
         return
     _set_outcome(item, fut, h.status, value, h.worker)
+    if state.journal is not None:  # delivered: forget it
+        state.journal.forget(state.token, h.task_id)
 
 
 def _describe_exit(exitcode: int | None) -> str:
@@ -674,6 +686,8 @@ def _worker_exited(state: _PoolState, wid: int) -> None:
                     fn_name=fut.fn_name)
                 if item.spill_ref and item.keep:
                     spill.discard(item.spill_ref)
+                if state.journal is not None:
+                    state.journal.forget(state.token, slot.task_id)
                 try:
                     fut.set_exception(err)
                 except _futures_base.InvalidStateError:
@@ -774,8 +788,8 @@ def _teardown(state: _PoolState) -> None:
             continue
         if fut.cancel():
             fut.set_running_or_notify_cancel()
-        if item.spill_ref:
-            spill.discard(item.spill_ref)
+        if item.spill_ref and state.journal is None:
+            spill.discard(item.spill_ref)  # durable: the next owner runs it
     state.release_resources()
 
 
@@ -914,6 +928,11 @@ class MQExecutor(Executor):
         retries (int): run a task again, at most this many times, when the
             worker running it dies (default 0). Per task:
             ``ex.with_options(retries=N).submit(...)``.
+        durable (bool | str): record every task in a spool directory (a path, or
+            True for the default) before it is queued, and forget it once its
+            outcome is delivered; after the whole process tree is killed, the
+            next executor on the key runs again every unfinished task
+            (at-least-once; :mod:`mqexecutor.journal`). Needs an explicit key.
         capacity (int | None): bytes of msg_qbytes to ask the kernel for. Above
             kernel.msgmnb this needs CAP_SYS_RESOURCE; when refused, a
             CapacityWarning names the limit in force and tasks beyond it wait in
@@ -935,8 +954,11 @@ class MQExecutor(Executor):
                  mp_context: Any = None, queue_mode: int = 0o600,
                  capacity: int | None = None, allow: Iterable[str] = (),
                  swoole_handler: str | None = None, authkey: bytes | None = None,
-                 retries: int = 0):
+                 retries: int = 0, durable: bool | str = False):
         key, mode = _check_key_mode(key, mode)
+        if durable and key is None:
+            raise ValueError("durable=True needs an explicit key: a private queue dies "
+                             "with its executor, so there is nothing to recover into")
         if max_workers is None:
             max_workers = _cpu_count()
         elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
@@ -967,12 +989,12 @@ class MQExecutor(Executor):
                                max_tasks_per_child=max_tasks_per_child,
                                queue_mode=queue_mode, allow=tuple(allow),
                                swoole_handler=swoole_handler, authkey=authkey,
-                               retries=retries), capacity)
+                               retries=retries, durable=durable), capacity)
 
     @classmethod
     def attach(cls, key: int, *, mode: Mode | int = Mode.PREEMPTIVE,
                workers: int | None = None, authkey: bytes | None = None,
-               retries: int = 0) -> "MQExecutor":
+               retries: int = 0, durable: bool | str = False) -> "MQExecutor":
         """An executor that starts no workers and submits to the pool another
         process serves on ``key`` (``mqexecutor serve`` or an MQExecutor).
 
@@ -988,6 +1010,8 @@ class MQExecutor(Executor):
             authkey (bytes | None): the pool's HMAC key, when it has one.
             retries (int): as in the constructor; a worker death is reported to
                 this process by the pool's owner.
+            durable (bool | str): as in the constructor; the pool's next owner
+                recovers this producer's unfinished tasks if it dies.
 
         Raises:
             sysv_ipc.ExistentialError: no queue has this key.
@@ -1008,7 +1032,7 @@ class MQExecutor(Executor):
                                mp_context=None, initializer=None, max_tasks_per_child=None,
                                queue_mode=0o600, attach=True,
                                authkey=_check_authkey(authkey),
-                               retries=_check_retries(retries)), None)
+                               retries=_check_retries(retries), durable=durable), None)
         return self
 
     def _setup(self, state: _PoolState, capacity: int | None) -> None:
@@ -1062,7 +1086,17 @@ class MQExecutor(Executor):
                 break
             except sysv_ipc.Error:
                 continue  # EINTR
-        if not found:
+        journaled: dict[tuple[int, int], tuple[bytes, Any]] = {}
+        if state.journal is not None:
+            for token, tid, msg in state.journal.entries():
+                try:
+                    h = unpack_header(msg)
+                except ProtocolError:
+                    continue
+                if h.pid != state.pid and persistence.pid_alive(h.pid):
+                    continue  # its producer lives and will get the outcome
+                journaled[(token, tid)] = (msg, h)
+        if not found and not journaled:
             return
         keep: list[tuple[bytes, int]] = []
         adopt: list[tuple[bytes, int, Any]] = []
@@ -1076,6 +1110,7 @@ class MQExecutor(Executor):
                                f"of wire version {raw[2]}; this mqexecutor speaks version "
                                f"{WIRE_VERSION}")
                 else:
+                    deadletter.record(self._key, raw, f"found at start: {exc}", None)
                     warnings.warn(f"mqexecutor: set aside a message of {len(raw)} bytes "
                                   f"found in the queue: {exc}", RuntimeWarning, stacklevel=4)
                 continue
@@ -1088,22 +1123,37 @@ class MQExecutor(Executor):
             if persistence.pid_alive(h.pid) and h.pid != state.pid:
                 keep.append((raw, mtype))  # a live producer still waits for it
                 continue
-            if state.targeted and not 0 <= h.worker < state.max_workers:
-                try:
-                    name, _ = split_task_body(memoryview(raw)[HEADER_SIZE:])
-                except ProtocolError:
-                    name = "?"
-                self._stranded.append(StrandedTask(h.task_id, h.worker, name, h.pid))
-                keep.append((raw, mtype))
-                continue
+            journaled.pop((h.token, h.task_id), None)  # in the queue: adopted from there
             adopt.append((raw, mtype, h))
         if problem is not None:
             for raw, mtype in found:
                 _send_back(queue, raw, mtype)
             raise QueueModeError(problem)
+        # Recorded tasks no longer queued: running when their producer died, or
+        # still waiting in its backlog (durable mode).
+        for msg, h in journaled.values():
+            if bool(h.flags & Flag.TARGETED) != state.targeted:
+                warnings.warn(f"mqexecutor: spool entry of task {h.task_id} was sent in "
+                              "the other mode; left in the spool", RuntimeWarning,
+                              stacklevel=4)
+                continue
+            mtype = targeted_mtype(h.worker) if state.targeted else PREEMPTIVE_MTYPE
+            adopt.append((msg, mtype, h))
+        kept_adopt = []
+        for raw, mtype, h in adopt:
+            if state.targeted and not 0 <= h.worker < state.max_workers:
+                try:
+                    name, _ = split_task_body(parse(raw)[1])
+                except ProtocolError:
+                    name = "?"
+                self._stranded.append(StrandedTask(h.task_id, h.worker, name, h.pid))
+                if any(raw is r for r, _ in found):
+                    keep.append((raw, mtype))
+                continue
+            kept_adopt.append((raw, mtype, h))
         for raw, mtype in keep:
             _send_back(queue, raw, mtype)
-        self._inherited = len(adopt) + len(self._stranded)
+        self._inherited = len(kept_adopt) + len(self._stranded)
         if self._stranded:
             warnings.warn(
                 f"mqexecutor: {len(self._stranded)} task(s) in the queue of key "
@@ -1111,12 +1161,15 @@ class MQExecutor(Executor):
                 f"{state.max_workers} does not have; they stay queued (see stranded())",
                 RuntimeWarning, stacklevel=4)
         with state.lock:
-            for raw, mtype, h in adopt:
-                try:
-                    name, payload = split_task_body(memoryview(raw)[HEADER_SIZE:])
-                except ProtocolError:
-                    continue
+            for raw, mtype, h in kept_adopt:
                 task_id = next(state.ids)
+                try:
+                    name, payload = split_task_body(parse(raw)[1])
+                    message = replace_route(raw, task_id, state.token, state.reply_queue.key,
+                                            state.pid, state.authkey)
+                except ProtocolError as exc:
+                    deadletter.record(self._key, raw, f"not adopted: {exc}", None)
+                    continue
                 fut = MQFuture(task_id, name, state.lock)
                 fut.original_task_id = h.task_id
                 fut.original_pid = h.pid
@@ -1124,14 +1177,12 @@ class MQExecutor(Executor):
                 if worker >= 0:
                     fut.worker_id = worker
                     state.outstanding[worker] += 1
-                try:
-                    message = replace_route(raw, task_id, state.token, state.reply_queue.key,
-                                            state.pid, state.authkey)
-                except ProtocolError as exc:
-                    deadletter.record(self._key, raw, f"not adopted: {exc}", None)
-                    continue
                 ref = bytes(payload).decode("ascii", "replace") if h.flags & Flag.SPILL else None
-                item = _WorkItem(fut, message, mtype, worker, ref)
+                durable = state.journal is not None
+                if durable:
+                    state.journal.move((h.token, h.task_id), (state.token, task_id), message)
+                item = _WorkItem(fut, message, mtype, worker, ref,
+                                 keep=durable or bool(h.flags & Flag.KEEP_SPILL))
                 state.pending[task_id] = item
                 state.backlog.append(item)
                 self._recovered.append(fut)
@@ -1278,7 +1329,7 @@ class MQExecutor(Executor):
         if retries is None:
             retries = state.retries
         fut = MQFuture(0, _fn_name(fn), state.lock)
-        keep = retries > 0
+        keep = retries > 0 or state.journal is not None
         try:
             room = state.inline_max - 2 - len(fut.fn_name.encode("utf-8", "replace")[:255])
             body, spilled = codec.dumps((fn, args, kwargs), room, state.task_subdir)
@@ -1310,6 +1361,15 @@ class MQExecutor(Executor):
             message = build(Kind.TASK, flags, 0, task_id, state.token, state.reply_queue.key,
                             state.pid, worker, task_body(fut.fn_name, body), state.authkey)
             item = _WorkItem(fut, message, mtype, worker, spill_ref, retries, keep)
+            if state.journal is not None:
+                try:
+                    state.journal.record(state.token, task_id, message)
+                except OSError:
+                    if worker >= 0:
+                        state.outstanding[worker] -= 1
+                    if spill_ref:
+                        spill.discard(spill_ref)
+                    raise
             state.pending[task_id] = item
             try:
                 if not state.backlog and state.send_now(item):

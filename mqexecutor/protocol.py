@@ -82,8 +82,8 @@ class Flag(enum.IntFlag):
     #: The last TAG_SIZE (32) bytes are an HMAC-SHA256, under the pool's authkey,
     #: of everything before them (header included); ``length`` counts them.
     AUTH = 0x0008
-    #: The worker must not unlink the task's spill file when it opens it, only
-    #: after the result is sent: the producer may need to send it again
+    #: The worker must not unlink the task's spill file: the producer removes it
+    #: once the outcome is in, since it may need to send the task again
     #: (retries, durable mode).
     KEEP_SPILL = 0x0010
 

@@ -387,8 +387,6 @@ class _Worker:
                 m, mbody = parse(msg)
                 if m.flags & Flag.SPILL:
                     spill.discard(bytes(mbody).decode("ascii", "replace"))
-            if spilled and keep:
-                spill.discard(bytes(body).decode("ascii", "replace"))
         finally:
             self.board.idle(cfg.worker_id)
 
