@@ -210,9 +210,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if args.swoole_handler:
+        from . import swoole
+        try:
+            swoole.load_handler(args.swoole_handler)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise CLIError(f"--swoole-handler: {exc}", EXIT_USAGE) from None
     try:
         ex = MQExecutor(args.key, args.workers, mode=args.mode,
-                        max_tasks_per_child=args.max_tasks_per_child)
+                        max_tasks_per_child=args.max_tasks_per_child,
+                        allow=args.allow, swoole_handler=args.swoole_handler)
     except sysv_ipc.PermissionsError as exc:
         raise CLIError(str(exc), EXIT_PERMISSION) from None
     except ValueError as exc:
@@ -256,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", type=int, choices=[2, 3], default=3,
                    help="2 targeted, 3 preemptive (default 3)")
     p.add_argument("--max-tasks-per-child", type=int, default=None, metavar="N")
+    p.add_argument("--allow", action="append", default=[], metavar="PATTERN",
+                   help="let JSON tasks call functions matching this fnmatch pattern of "
+                   "'module:qualname' (repeatable; default: none). See docs/external.md")
+    p.add_argument("--swoole-handler", default=None, metavar="MODULE:FUNCTION",
+                   help="read every message as a Swoole task packet and call "
+                   "FUNCTION(data, task_id=, flags=) as onTask. See docs/external.md")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("ls", help="list mqexecutor's queues")
     p.add_argument("--all", "-a", action="store_true", help="list every queue")

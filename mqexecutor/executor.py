@@ -43,8 +43,8 @@ from .protocol import (CONTROL_MTYPE, HEADER_SIZE, PREEMPTIVE_MTYPE, TAG_SIZE, W
                        Flag, Kind, ProtocolError, Status, build, parse, replace_route,
                        pack_header, split_task_body, targeted_mtype, task_body,
                        unpack_header)
-from .scoreboard import BUSY, Scoreboard
-from .worker import EXIT_INIT_FAILED, STOP_SIGNAL, WorkerConfig, run_worker
+from .scoreboard import BUSY, INIT_FAILED, Scoreboard
+from .worker import STOP_SIGNAL, WorkerConfig, run_worker
 
 __all__ = ["MQExecutor", "MQFuture", "Mode", "PoolStats", "StrandedTask", "CapacityWarning",
            "TaskOptions"]
@@ -270,6 +270,7 @@ class _PoolState:
         self.outstanding = [0] * max_workers
         self.ids = itertools.count(1)
         self.processes: dict[int, multiprocessing.process.BaseProcess] = {}
+        self.handled: set[int] = set()  # pids of exited workers already dealt with
         self.shutdown_requested = False
         self.cancel_requested = False
         self.terminating = False
@@ -417,7 +418,7 @@ class _PoolState:
                 fut._state = _futures_base.PENDING
             if isinstance(exc, sysv_ipc.BusyError) or type(exc) is sysv_ipc.Error:
                 return False  # full, or EINTR
-            if isinstance(exc, sysv_ipc.Error):
+            if isinstance(exc, (sysv_ipc.Error, OSError)):
                 raise BrokenMQPool(f"the task queue is gone: {exc}") from None
             raise
         item.attempts += 1
@@ -593,6 +594,8 @@ def _collector_loop(state: _PoolState) -> None:
                 return
         if state.backlog:
             state.feed()
+        if state.shutdown_requested and not state.pending:
+            state.wake()  # the manager waits for the last outcome to tear down
 
 
 def _handle_result(state: _PoolState, raw: bytes) -> None:
@@ -661,6 +664,7 @@ def _worker_exited(state: _PoolState, wid: int) -> None:
     """A worker process ended: fail the task it was running, then replace it."""
     p = state.processes[wid]
     p.join()
+    state.handled.add(p.pid)
     assert state.board is not None
     slot = state.board.read(wid)
     state.board.idle(wid)
@@ -694,8 +698,12 @@ def _worker_exited(state: _PoolState, wid: int) -> None:
                     pass
         else:
             _tell_producer(state, wid, p, slot, reason)
-    if p.exitcode == EXIT_INIT_FAILED:
+    if slot.state == INIT_FAILED:
         return  # the collector breaks the pool with the initializer's error
+    if not _queue_exists(state):
+        state.break_pool("the task queue was removed from the kernel (ipcrm?) while "
+                         "the pool was running")
+        return
     if state.broken is not None or state.terminating:
         return
     try:
@@ -706,6 +714,16 @@ def _worker_exited(state: _PoolState, wid: int) -> None:
         state.spawn(wid)
     except Exception as exc:  # noqa: BLE001
         state.break_pool(f"could not start a replacement for task worker {wid}: {exc!r}")
+
+
+def _queue_exists(state: _PoolState) -> bool:
+    try:
+        state.task_queue.current_messages
+        return True
+    except sysv_ipc.ExistentialError:
+        return False
+    except (sysv_ipc.Error, OSError):
+        return True
 
 
 def _tell_producer(state: _PoolState, wid: int, p: Any, slot: Any, reason: str) -> None:
@@ -730,8 +748,10 @@ def _manager_loop(state: _PoolState) -> None:
     try:
         while True:
             with state.lock:
+                # Every worker not yet handled, dead or alive: a worker that died
+                # since the last turn has a readable sentinel, so wait() returns.
                 sentinels = {p.sentinel: wid for wid, p in state.processes.items()
-                             if p.exitcode is None}
+                             if p.pid not in state.handled}
                 backlog = bool(state.backlog)
             timeout = delay if backlog else None
             ready = multiprocessing.connection.wait(list(sentinels) + [state.wake_r],

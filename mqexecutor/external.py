@@ -39,7 +39,8 @@ a set, NaN or infinity...), ``too_large`` (the reply would exceed
 Other rules:
 
 * Unknown fields are ignored (room for later versions); trailing NUL bytes,
-  as a C sender may include, are stripped before parsing.
+  as a C sender may include, are stripped before parsing; ``"kwargs": []`` is
+  taken as ``{}`` (PHP's ``json_encode([])`` gives ``[]``).
 * ``fn`` must be ``module:qualname`` made of Python identifiers. It is matched
   against the allow patterns with :func:`fnmatch.fnmatchcase` *before* the
   module is imported, so a refused name never runs import-time code. A part of
@@ -199,6 +200,8 @@ def parse_task(raw: bytes | bytearray | memoryview) -> JSONTask:
                      f"not {fn[:100]!r}")
     args = obj.get("args", [])
     kwargs = obj.get("kwargs", {})
+    if kwargs == []:
+        kwargs = {}  # PHP's json_encode([]) gives [] for an empty array
     if not isinstance(args, list):
         raise refuse("'args' must be a JSON array")
     if not isinstance(kwargs, dict):
@@ -277,6 +280,13 @@ def _log(message: str) -> None:
         pass
 
 
+def _safe_str(obj: Any) -> str:
+    try:
+        return str(obj)
+    except BaseException:  # noqa: BLE001
+        return f"<unprintable {type(obj).__name__}>"
+
+
 def _dumps(obj: dict) -> bytes:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False,
                       separators=(",", ":")).encode("utf-8")
@@ -312,15 +322,27 @@ def _error_reply(task_id: Any, code: str, type_name: str, message: str,
     return body
 
 
+def _send_fresh(key: int, mtype: int, body: bytes) -> bool:
+    """One non-blocking msgsnd through a freshly opened queue object."""
+    import sysv_ipc
+    try:
+        queue = sysv_ipc.MessageQueue(key, 0, max_message_size=max(len(body), 1))
+        queue.send(body, block=False, type=mtype)
+        return True
+    except (sysv_ipc.Error, OSError, ValueError):
+        return False
+
+
 def _send(send_reply: Callable[[int, int, bytes], bool], task: JSONTask,
           body: bytes) -> None:
     if task.reply_key is None:
         return
     try:
         sent = send_reply(task.reply_key, task.reply_mtype, body)
-    except Exception as exc:  # noqa: BLE001 - a reply failure must not kill the worker
-        sent = False
-        _log(f"JSON reply to key 0x{task.reply_key & 0xFFFFFFFF:08x} failed: {exc}")
+    except Exception:  # noqa: BLE001 - a reply failure must not kill the worker
+        # e.g. OSError EINVAL from a cached queue object whose queue was removed
+        # and re-created under the same key (a new msqid): open it afresh.
+        sent = _send_fresh(task.reply_key, task.reply_mtype, body)
     if not sent:
         _log(f"JSON reply for task id {task.id!r} could not be delivered to key "
              f"0x{task.reply_key & 0xFFFFFFFF:08x} (queue gone, not ours, or full)")
@@ -373,8 +395,12 @@ def handle_json(raw: bytes, allow: Sequence[str],
     try:
         result = fn(*task.args, **task.kwargs)
     except BaseException as exc:  # noqa: BLE001 - as ProcessPoolExecutor: an outcome
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        body = _error_reply(task.id, "raised", type(exc).__name__, str(exc), tb, limit)
+        try:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        except BaseException:  # noqa: BLE001 - a broken __str__ must not kill the worker
+            tb = None
+        body = _error_reply(task.id, "raised", type(exc).__name__, _safe_str(exc), tb,
+                            limit)
         del exc
         _send(send_reply, task, body)
         return None
@@ -387,11 +413,11 @@ def handle_json(raw: bytes, allow: Sequence[str],
     except (TypeError, ValueError, RecursionError) as exc:
         body = _error_reply(task.id, "bad_result", type(exc).__name__,
                             f"the result of {task.fn} is not JSON-serializable "
-                            f"({type(result).__name__}): {exc}", None, limit)
-    except BaseException as exc:  # noqa: BLE001 - a __repr__/default may raise anything
+                            f"({type(result).__name__}): {_safe_str(exc)}", None, limit)
+    except BaseException as exc:  # noqa: BLE001 - a __str__ or subclass may raise anything
         body = _error_reply(task.id, "bad_result", type(exc).__name__,
-                            f"the result of {task.fn} could not be encoded: {exc}",
-                            None, limit)
+                            f"the result of {task.fn} could not be encoded: "
+                            f"{_safe_str(exc)}", None, limit)
     if len(body) > limit:
         body = _error_reply(task.id, "too_large", "ValueError",
                             f"the JSON reply is {len(body)} bytes; a message holds at "

@@ -20,13 +20,15 @@ import os
 import struct
 from typing import NamedTuple
 
-__all__ = ["Scoreboard", "Slot", "IDLE", "BUSY", "SLOT_SIZE"]
+__all__ = ["Scoreboard", "Slot", "IDLE", "BUSY", "INIT_FAILED", "SLOT_SIZE"]
 
 _SLOT = struct.Struct("<QQiiI")
 _COUNT = struct.Struct("<I")
 SLOT_SIZE = 32
 IDLE = 0
 BUSY = 1
+#: The worker's initializer raised; it exits and must not be replaced.
+INIT_FAILED = 2
 
 
 class Slot(NamedTuple):
@@ -70,6 +72,10 @@ class Scoreboard:
     def idle(self, slot: int) -> None:
         """Record that worker ``slot`` runs nothing."""
         _SLOT.pack_into(self._mm, slot * SLOT_SIZE, 0, 0, 0, 0, IDLE)
+
+    def init_failed(self, slot: int) -> None:
+        """Record that worker ``slot``'s initializer raised."""
+        _SLOT.pack_into(self._mm, slot * SLOT_SIZE, 0, 0, 0, 0, INIT_FAILED)
 
     def read(self, slot: int) -> Slot:
         """The slot of worker ``slot``."""

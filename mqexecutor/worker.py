@@ -278,6 +278,7 @@ class _Worker:
             msg = _encode_outcome(Status.INIT_FAILED, 0, self.cfg.owner_token,
                                   self.cfg.worker_id, (exc, _format_exc(exc)),
                                   self.inline_max, self.cfg.owner_subdir, self.cfg.authkey)
+            self.board.init_failed(self.cfg.worker_id)
             self.replier.send(self.cfg.owner_reply_key, msg, self.cfg.owner_pid)
             return False
 
