@@ -30,7 +30,9 @@ from __future__ import annotations
 
 from .errors import (BrokenMQPool, BrokenProcessPool, QueueModeError, RemoteTraceback,
                      ResultUnpicklingError, TaskUnpicklingError, TerminatedWorkerError)
-from .executor import MQExecutor, MQFuture, Mode
+from .executor import (CapacityWarning, MQExecutor, MQFuture, Mode, PoolStats, StrandedTask,
+                       TaskOptions)
+from .persistence import remove_queue
 from .limits import msgmax, msgmnb
 from .queues import ftok
 from .worker import current_task_id, worker_id
@@ -39,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MQExecutor", "MQFuture", "Mode", "ftok", "worker_id", "current_task_id",
+    "PoolStats", "StrandedTask", "TaskOptions", "CapacityWarning", "remove_queue",
     "BrokenMQPool", "BrokenProcessPool", "TerminatedWorkerError", "TaskUnpicklingError",
     "ResultUnpicklingError", "QueueModeError", "RemoteTraceback", "msgmax", "msgmnb",
     "__version__",

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import sysv_ipc
 
-from . import ipcinfo, persistence, spill
+from . import deadletter, ipcinfo, persistence, spill
 from .executor import Mode, MQExecutor
 from .limits import msgmax
 from .protocol import HEADER_SIZE, Flag, Kind, ProtocolError, split_task_body, unpack_header
@@ -193,6 +193,21 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dead(args: argparse.Namespace) -> int:
+    records = deadletter.list_records(args.key)
+    if args.purge:
+        print(f"removed {deadletter.purge(args.key)} dead letter(s) of {_hex(args.key)}")
+        return 0
+    if not records:
+        print(f"no dead letters for {_hex(args.key)}")
+    for rec in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("time", 0)))
+        head = rec["message"][:16].hex()
+        print(f"{when}  worker {rec.get('worker')}  {rec.get('size')} bytes  "
+              f"{rec.get('reason')}  [{head}...]")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     removed = persistence.collect_garbage()
     for line in removed:
@@ -282,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true",
                            help="also act on a queue that is not mqexecutor's")
         p.set_defaults(func=func)
+    p = sub.add_parser("dead", help="list (or --purge) the messages workers set aside")
+    p.add_argument("key", type=_key, metavar="KEY")
+    p.add_argument("--purge", action="store_true", help="remove them")
+    p.set_defaults(func=cmd_dead)
     p = sub.add_parser("gc", help="reclaim queues and spill files of dead producers")
     p.set_defaults(func=cmd_gc)
     return parser

@@ -1512,7 +1512,8 @@ class MQExecutor(Executor):
     def terminate_workers(self) -> None:
         """Shut down and send SIGTERM to every worker, as Python 3.14's
         ProcessPoolExecutor.terminate_workers. Tasks they were running fail with
-        TerminatedWorkerError; tasks not yet taken are cancelled."""
+        a BrokenProcessPool subclass (TerminatedWorkerError or BrokenMQPool);
+        tasks not yet taken are cancelled."""
         import signal as _signal
         self._force_shutdown(_signal.SIGTERM)
 

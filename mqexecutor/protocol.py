@@ -98,7 +98,8 @@ class Status(enum.IntEnum):
     #: The worker could not read the task (unpickling or spill file failed);
     #: the body pickles (exception, traceback text).
     BAD_TASK = 2
-    #: The worker died running the task; the body pickles a dict of details.
+    #: The worker died running the task; the body pickles the
+    #: TerminatedWorkerError to raise (sent by the pool owner).
     WORKER_DIED = 3
     #: A worker's initializer raised; the body pickles (exception, traceback text).
     INIT_FAILED = 4

@@ -98,6 +98,31 @@ def _on_stop(signum, frame) -> None:
     _stop = True
 
 
+_cleanup_on_term = None
+
+
+def _on_term(signum, frame) -> None:
+    """SIGTERM: die at once, as an unhandled SIGTERM would. When the owner is
+    dying too (e.g. ``kill -TERM -<pgid>``, ``timeout``, ``docker stop``), first
+    remove what only the owner could have removed."""
+    owner = _cleanup_on_term
+    if owner is not None:
+        pid, cleanup = owner
+        for _ in range(20):  # up to 0.2 s for the owner to go
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                try:
+                    cleanup()
+                except Exception:  # noqa: BLE001
+                    pass
+                break
+            except PermissionError:
+                break
+            time.sleep(0.01)
+    os._exit(128 + signal.SIGTERM)
+
+
 def _watch_owner(owner_pid: int, main_ident: int) -> None:
     """Wait for the owner process to exit, then stop the worker."""
     global _stop, _owner_dead
@@ -449,6 +474,9 @@ def run_worker(cfg: WorkerConfig) -> None:
         worker = _Worker(cfg)
     except sysv_ipc.ExistentialError:
         sys.exit(0)  # the pool was torn down before this worker started
+    global _cleanup_on_term
+    _cleanup_on_term = (cfg.owner_pid, worker.cleanup_after_owner)
+    signal.signal(signal.SIGTERM, _on_term)
     code = worker.run()
     sys.stdout.flush()
     sys.exit(code)
