@@ -286,15 +286,16 @@ class _PoolState:
         self.manager: threading.Thread | None = None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            for index in range(len(spill.spill_roots())):
-                spill.ensure_subdir(index, self.subdir)
-                if self.task_subdir != self.subdir:
-                    spill.ensure_subdir(index, self.task_subdir)
             self.reply_queue = queues.create_private()
             if key is None:
                 self.task_queue = queues.create_private(queue_mode)
             else:
                 self.task_queue = queues.open_queue(key, create=not attach, mode=queue_mode)
+            self.fit_to_queue()
+            for index in range(len(spill.spill_roots())):
+                spill.ensure_subdir(index, self.subdir)
+                if self.task_subdir != self.subdir:
+                    spill.ensure_subdir(index, self.task_subdir)
             if durable:
                 self.journal = journal.Journal(
                     durable if isinstance(durable, str) else journal.default_spool(key))
@@ -309,6 +310,16 @@ class _PoolState:
         except BaseException:
             self.release_resources()
             raise
+
+    def fit_to_queue(self) -> None:
+        """Largest body that fits one message: msgmax, or the queue's capacity
+        when that is smaller (a message larger than msg_qbytes never fits)."""
+        limit = msgmax()
+        try:
+            limit = min(limit, self.task_queue.max_size)
+        except (sysv_ipc.Error, AttributeError):
+            pass
+        self.inline_max = limit - HEADER_SIZE - (TAG_SIZE if self.authkey else 0)
 
     # -- resources ---------------------------------------------------------------
     def release_resources(self) -> None:
@@ -707,10 +718,6 @@ def _worker_exited(state: _PoolState, wid: int) -> None:
     if state.broken is not None or state.terminating:
         return
     try:
-        p.close()
-    except ValueError:
-        pass
-    try:
         state.spawn(wid)
     except Exception as exc:  # noqa: BLE001
         state.break_pool(f"could not start a replacement for task worker {wid}: {exc!r}")
@@ -880,6 +887,7 @@ def _set_capacity(state: _PoolState, capacity: int) -> None:
     try:
         if queue.max_size != capacity:
             queue.max_size = capacity
+        state.fit_to_queue()
         return
     except (sysv_ipc.PermissionsError, OSError, ValueError) as exc:
         reason = exc

@@ -120,6 +120,8 @@ def _on_term(signum, frame) -> None:
             except PermissionError:
                 break
             time.sleep(0.01)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # die of the signal itself
+    os.kill(os.getpid(), signal.SIGTERM)
     os._exit(128 + signal.SIGTERM)
 
 
