@@ -39,7 +39,8 @@ from . import codec, deadletter, ipcinfo, journal, persistence, queues, spill
 from .errors import (BrokenMQPool, QueueModeError, RemoteTraceback,
                      ResultUnpicklingError, TaskUnpicklingError, TerminatedWorkerError)
 from .limits import msgmax
-from .protocol import (CONTROL_MTYPE, HEADER_SIZE, PREEMPTIVE_MTYPE, TAG_SIZE, WIRE_VERSION,
+from .protocol import (CONTROL_MTYPE, HEADER_SIZE, PREEMPTIVE_MTYPE, RESULT_MTYPE, TAG_SIZE,
+                       WIRE_VERSION,
                        Flag, Kind, ProtocolError, Status, build, parse, replace_route,
                        pack_header, split_task_body, targeted_mtype, task_body,
                        unpack_header)
@@ -271,6 +272,10 @@ class _PoolState:
         self.ids = itertools.count(1)
         self.processes: dict[int, multiprocessing.process.BaseProcess] = {}
         self.handled: set[int] = set()  # pids of exited workers already dealt with
+        # Batches in flight: task id -> the items sent in one message with it.
+        self.batch_of: dict[int, list[_WorkItem]] = {}
+        self.batch_limit = 1  # tasks per message, adapted to the task rate
+        self.rate_mark = (time.monotonic(), 0)
         self.shutdown_requested = False
         self.cancel_requested = False
         self.terminating = False
@@ -499,6 +504,8 @@ class _PoolState:
 
     # -- outcomes --------------------------------------------------------------------
     def take(self, task_id: int) -> _WorkItem | None:
+        if self.batch_of:
+            self.batch_of.pop(task_id, None)
         if not self.targeted:
             return self.pending.pop(task_id, None)  # atomic under the GIL
         with self.lock:
@@ -561,8 +568,6 @@ def _set_outcome(item: _WorkItem, fut: MQFuture, status: int, value: Any,
                 f"{worker}: {type(exc).__name__}: {exc}")
             err.__cause__ = exc
             fut.set_exception(err)
-        elif status == Status.WORKER_DIED:
-            fut.set_exception(value)
         else:
             fut.set_exception(BrokenMQPool(f"unexpected result status {status}"))
     except _futures_base.InvalidStateError:
@@ -630,6 +635,9 @@ def _handle_result(state: _PoolState, raw: bytes) -> None:
         state.break_pool(f"the initializer of task worker {h.worker} raised {what}; "
                          f"the pool is not usable anymore\n{tb}")
         return
+    if h.status == Status.WORKER_DIED:
+        _worker_died(state, h.task_id, body, spilled)
+        return
     item = state.take(h.task_id)
     if item is None:
         if spilled:
@@ -658,6 +666,52 @@ def _handle_result(state: _PoolState, raw: bytes) -> None:
         state.journal.forget(state.token, h.task_id)
 
 
+def _worker_died(state: _PoolState, task_id: int, body: Any, spilled: bool) -> None:
+    """The worker running ``task_id`` died: send again the tasks of its batch
+    that never started, run the task again if it has retries left, else fail it."""
+    try:
+        err = codec.loads(body, spilled)
+    except BaseException as exc:  # noqa: BLE001
+        err = TerminatedWorkerError(f"the task worker running task {task_id} died "
+                                    f"({exc!r})", task_id=task_id)
+    with state.lock:
+        again: list[_WorkItem] = []
+        batch = state.batch_of.get(task_id)
+        if batch is not None:
+            ids = [it.future.task_id for it in batch]
+            rest = batch[ids.index(task_id) + 1:] if task_id in ids else []
+            again = [it for it in rest if it.future.task_id in state.pending
+                     and not it.future.done() and it.message]
+        item = state.pending.get(task_id)
+        if item is not None and not item.future.done() and item.retries > 0 and item.message:
+            item.retries -= 1  # run it again (retries=)
+            again.insert(0, item)
+            item = None
+        elif item is not None:
+            item = state.take(task_id)
+        for it in reversed(again):
+            state.batch_of.pop(it.future.task_id, None)
+            state.backlog.appendleft(it)
+    if again:
+        state.feed()
+        state.wake()
+    if item is None or item.future.done():
+        return
+    fut = item.future
+    if isinstance(err, TerminatedWorkerError):
+        err.fn_name = fut.fn_name
+        tries = f" (attempt {item.attempts})" if item.attempts > 1 else ""
+        err.args = (f"{err.args[0]} ({fut.fn_name}){tries}",)
+    if item.spill_ref and item.keep:
+        spill.discard(item.spill_ref)
+    if state.journal is not None:
+        state.journal.forget(state.token, task_id)
+    try:
+        fut.set_exception(err)
+    except _futures_base.InvalidStateError:
+        pass
+
+
 def _describe_exit(exitcode: int | None) -> str:
     if exitcode is None:
         return "an unknown status"
@@ -680,35 +734,10 @@ def _worker_exited(state: _PoolState, wid: int) -> None:
     slot = state.board.read(wid)
     state.board.idle(wid)
     if slot.state == BUSY:
-        reason = _describe_exit(p.exitcode)
-        if slot.token == state.token:
-            item = state.pending.get(slot.task_id)
-            if item is not None and item.retries > 0 and item.message and not item.future.done():
-                item.retries -= 1  # run it again (retries=)
-                with state.lock:
-                    state.backlog.appendleft(item)
-                state.feed()
-                item = None
-            else:
-                item = state.take(slot.task_id)
-            if item is not None and not item.future.done():
-                fut = item.future
-                tries = f" (attempt {item.attempts})" if item.attempts > 1 else ""
-                err = TerminatedWorkerError(
-                    f"task worker {wid} (pid {p.pid}) died with {reason} while running "
-                    f"task {slot.task_id} ({fut.fn_name}){tries}", worker_id=wid,
-                    pid=p.pid or 0, exitcode=p.exitcode, task_id=slot.task_id,
-                    fn_name=fut.fn_name)
-                if item.spill_ref and item.keep:
-                    spill.discard(item.spill_ref)
-                if state.journal is not None:
-                    state.journal.forget(state.token, slot.task_id)
-                try:
-                    fut.set_exception(err)
-                except _futures_base.InvalidStateError:
-                    pass
-        else:
-            _tell_producer(state, wid, p, slot, reason)
+        # The notice travels on the producer's reply queue, behind any result
+        # the worker sent before dying, so a task that did complete is never
+        # reported dead, and the producer re-queues the rest of its batch.
+        _tell_producer(state, wid, p, slot, _describe_exit(p.exitcode))
     if slot.state == INIT_FAILED:
         return  # the collector breaks the pool with the initializer's error
     if not _queue_exists(state):
@@ -734,7 +763,8 @@ def _queue_exists(state: _PoolState) -> bool:
 
 
 def _tell_producer(state: _PoolState, wid: int, p: Any, slot: Any, reason: str) -> None:
-    """Tell another producer (MQExecutor.attach) that its task died with a worker."""
+    """Tell the producer of the task a dead worker was running (this executor,
+    or another process that attached) through its reply queue."""
     err = TerminatedWorkerError(
         f"task worker {wid} (pid {p.pid}) died with {reason} while running task "
         f"{slot.task_id}", worker_id=wid, pid=p.pid or 0, exitcode=p.exitcode,
@@ -744,9 +774,20 @@ def _tell_producer(state: _PoolState, wid: int, p: Any, slot: Any, reason: str) 
                                     spill.producer_subdir(slot.producer_pid, slot.token))
         msg = build(Kind.RESULT, Flag.SPILL if spilled else 0, Status.WORKER_DIED,
                     slot.task_id, slot.token, 0, p.pid or 0, wid, body, state.authkey)
-        queues.open_queue(slot.reply, create=False).send(msg, block=False)
+        queue = (state.reply_queue if slot.token == state.token
+                 else queues.open_queue(slot.reply, create=False))
     except (sysv_ipc.Error, OSError):
-        pass
+        return
+    for _ in range(400):  # the producer's collector drains its queue: room comes
+        try:
+            queue.send(msg, block=False, type=RESULT_MTYPE)
+            return
+        except sysv_ipc.BusyError:
+            if slot.token != state.token and not persistence.pid_alive(slot.producer_pid):
+                return
+            time.sleep(0.005)
+        except sysv_ipc.Error:
+            return
 
 
 def _manager_loop(state: _PoolState) -> None:
