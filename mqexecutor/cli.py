@@ -20,7 +20,7 @@ import sysv_ipc
 from . import deadletter, ipcinfo, persistence, spill
 from .executor import Mode, MQExecutor
 from .limits import msgmax
-from .protocol import HEADER_SIZE, Flag, Kind, ProtocolError, split_task_body, unpack_header
+from .protocol import Flag, Kind, ProtocolError, flatten, parse, split_task_body
 from .queues import parse_key
 
 __all__ = ["main", "build_parser"]
@@ -139,10 +139,10 @@ def cmd_stat(args: argparse.Namespace) -> int:
     per_type: collections.Counter[int] = collections.Counter()
     names: collections.Counter[str] = collections.Counter()
     spilled = foreign = 0
-    for mtype, raw in messages:
+    for mtype, raw in [(t, inner) for t, whole in messages for inner in flatten(whole)]:
         try:
-            h = unpack_header(raw)
-            name, _ = split_task_body(memoryview(raw)[HEADER_SIZE:])
+            h, body = parse(raw)
+            name, _ = split_task_body(body)
         except ProtocolError:
             foreign += 1
             continue

@@ -22,6 +22,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import struct
 import sys
 import threading
 import time
@@ -41,7 +42,8 @@ from .errors import (BrokenMQPool, QueueModeError, RemoteTraceback,
 from .limits import msgmax
 from .protocol import (CONTROL_MTYPE, HEADER_SIZE, PREEMPTIVE_MTYPE, RESULT_MTYPE, TAG_SIZE,
                        WIRE_VERSION,
-                       Flag, Kind, ProtocolError, Status, build, parse, replace_route,
+                       Flag, Kind, ProtocolError, Status, build, flatten, parse,
+                       replace_route,
                        pack_header, split_task_body, targeted_mtype, task_body,
                        unpack_header)
 from .scoreboard import BUSY, INIT_FAILED, Scoreboard
@@ -99,6 +101,7 @@ class StrandedTask:
     producer_pid: int
 
 _RNG = random.SystemRandom()
+_LEN = struct.Struct("<I")
 
 
 class Mode(enum.IntEnum):
@@ -275,6 +278,7 @@ class _PoolState:
         # Batches in flight: task id -> the items sent in one message with it.
         self.batch_of: dict[int, list[_WorkItem]] = {}
         self.batch_limit = 1  # tasks per message, adapted to the task rate
+        self.batch_fixed = False
         self.rate_mark = (time.monotonic(), 0)
         self.shutdown_requested = False
         self.cancel_requested = False
@@ -405,6 +409,13 @@ class _PoolState:
                     self.forget(item)
                     fut.set_running_or_notify_cancel()
                     continue
+                if self.batch_limit > 1 and len(backlog) > 1 and item.spill_ref is None:
+                    sent_n = self.send_batch()
+                    if sent_n > 1:
+                        continue
+                    if sent_n == 0:
+                        return False
+                    continue  # sent_n == 1: sent alone
                 try:
                     sent = self.send_now(item)
                 except BrokenMQPool as exc:
@@ -442,6 +453,72 @@ class _PoolState:
             item.message = b""
         return True
 
+    def send_batch(self) -> int:
+        """Send the consecutive small tasks at the head of the backlog in one
+        BATCH message (caller holds the lock). Returns how many were sent:
+        0 when the queue is full, 1 when only the head qualified (sent alone)."""
+        backlog = self.backlog
+        first = backlog[0]
+        limit = self.inline_max + HEADER_SIZE - 64
+        items: list[_WorkItem] = []
+        size = 0
+        for item in itertools.islice(backlog, self.batch_limit):
+            msg = item.message
+            if (item.mtype != first.mtype or item.spill_ref is not None
+                    or item.future.cancelled() or size + 4 + len(msg) > limit):
+                break
+            items.append(item)
+            size += 4 + len(msg)
+        if len(items) < 2:
+            try:
+                return 1 if self.send_now(first) and backlog.popleft() else 0
+            except BrokenMQPool as exc:
+                backlog.popleft()
+                self.forget(first)
+                first.future.set_exception(exc)
+                return 1
+        body = b"".join(_LEN.pack(len(it.message)) + it.message for it in items)
+        flags = Flag.BATCH | (Flag.TARGETED if self.targeted else 0)
+        message = build(Kind.TASK, flags, 0, first.future.task_id, self.token,
+                        self.reply_queue.key, self.pid, first.worker, body)
+        for it in items:
+            with it.future._condition:
+                it.future._state = _futures_base.RUNNING
+        try:
+            self.task_queue.send(message, block=False, type=first.mtype)
+        except BaseException as exc:
+            for it in items:
+                with it.future._condition:
+                    it.future._state = _futures_base.PENDING
+            if isinstance(exc, sysv_ipc.BusyError) or type(exc) is sysv_ipc.Error:
+                return 0
+            if isinstance(exc, (sysv_ipc.Error, OSError)):
+                raise BrokenMQPool(f"the task queue is gone: {exc}") from None
+            raise
+        for it in items:
+            backlog.popleft()
+            it.attempts += 1
+            self.batch_of[it.future.task_id] = items  # kept: may be sent again
+        return len(items)
+
+    def note_results(self, n: int) -> None:
+        """Adapt how many tasks go in one message to the observed task rate:
+        enough to cover about 5 ms of work, at most 256 (the collector calls it)."""
+        if self.batch_fixed:
+            return
+        t0, c0 = self.rate_mark
+        count = c0 + n
+        if count < 64:
+            self.rate_mark = (t0, count)
+            return
+        now = time.monotonic()
+        elapsed = now - t0
+        self.rate_mark = (now, 0)
+        if elapsed <= 0:
+            return
+        per_task = elapsed * self.max_workers / count  # seconds of work per task
+        self.batch_limit = max(1, min(256, int(0.005 / max(per_task, 1e-7))))
+
     def forget(self, item: _WorkItem) -> None:
         """Drop a task that will not run (caller holds the lock)."""
         self.pending.pop(item.future.task_id, None)
@@ -466,24 +543,25 @@ class _PoolState:
             for mtype in mtypes:
                 while True:
                     try:
-                        raw, got = queue.receive(block=False, type=mtype)
+                        whole, got = queue.receive(block=False, type=mtype)
                     except sysv_ipc.Error:
                         break
-                    try:
-                        h = unpack_header(raw)
-                    except ProtocolError:
-                        foreign.append((raw, got))
-                        continue
-                    if h.token != self.token:
-                        foreign.append((raw, got))
-                        continue
-                    item = self.pending.get(h.task_id)
-                    if item is None:
-                        continue
-                    if item.future._withdraw():
-                        self.forget(item)
-                        if h.flags & Flag.SPILL:
-                            spill.discard(_spill_reference(raw))
+                    for raw in flatten(whole):
+                        try:
+                            h = unpack_header(raw)
+                        except ProtocolError:
+                            foreign.append((raw, got))
+                            continue
+                        if h.token != self.token:
+                            foreign.append((raw, got))
+                            continue
+                        item = self.pending.get(h.task_id)
+                        if item is None:
+                            continue
+                        if item.future._withdraw():
+                            self.forget(item)
+                            if h.flags & Flag.SPILL:
+                                spill.discard(_spill_reference(raw))
         for raw, mtype in foreign:
             for _ in range(200):
                 try:
@@ -595,7 +673,9 @@ def _collector_loop(state: _PoolState) -> None:
             raise
         if _mtype == CONTROL_MTYPE:
             return  # sent by the manager after the last worker exited
+        handled = 0
         for more in range(255, -1, -1):
+            handled += 1
             try:
                 _handle_result(state, raw)
             except BaseException:  # noqa: BLE001 - the collector must not die
@@ -608,6 +688,7 @@ def _collector_loop(state: _PoolState) -> None:
                 break
             if _mtype == CONTROL_MTYPE:
                 return
+        state.note_results(handled)
         if state.backlog:
             state.feed()
         if state.shutdown_requested and not state.pending:
@@ -997,6 +1078,10 @@ class MQExecutor(Executor):
         retries (int): run a task again, at most this many times, when the
             worker running it dies (default 0). Per task:
             ``ex.with_options(retries=N).submit(...)``.
+        batch_size (int | None): at most this many small tasks per message when
+            tasks wait in the backlog (a full kernel queue). None (default):
+            adapted to the task rate, so that one message holds about 5 ms of
+            work; 1: one task per message always.
         durable (bool | str): record every task in a spool directory (a path, or
             True for the default) before it is queued, and forget it once its
             outcome is delivered; after the whole process tree is killed, the
@@ -1023,7 +1108,8 @@ class MQExecutor(Executor):
                  mp_context: Any = None, queue_mode: int = 0o600,
                  capacity: int | None = None, allow: Iterable[str] = (),
                  swoole_handler: str | None = None, authkey: bytes | None = None,
-                 retries: int = 0, durable: bool | str = False):
+                 retries: int = 0, durable: bool | str = False,
+                 batch_size: int | None = None):
         key, mode = _check_key_mode(key, mode)
         if durable and key is None:
             raise ValueError("durable=True needs an explicit key: a private queue dies "
@@ -1053,6 +1139,11 @@ class MQExecutor(Executor):
         if key is not None:
             _check_no_live_owner(key, mode)
         _collect_garbage_once()
+        if batch_size is not None and (isinstance(batch_size, bool)
+                                       or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be None (adaptive) or an int >= 1, "
+                             f"not {batch_size!r}")
+        self._batch_size = batch_size
         self._setup(_PoolState(key=key, max_workers=max_workers, mode=mode,
                                mp_context=mp_context, initializer=init_bytes,
                                max_tasks_per_child=max_tasks_per_child,
@@ -1105,6 +1196,10 @@ class MQExecutor(Executor):
         return self
 
     def _setup(self, state: _PoolState, capacity: int | None) -> None:
+        fixed = getattr(self, "_batch_size", None)
+        if fixed is not None:
+            state.batch_limit = fixed
+            state.batch_fixed = True
         self._mode = state.mode
         self._max_workers = state.max_workers
         self._key = state.task_queue.key if state.task_queue is not None else None
@@ -1150,11 +1245,12 @@ class MQExecutor(Executor):
         found: list[tuple[bytes, int]] = []
         while True:
             try:
-                found.append(queue.receive(block=False))
+                whole, mtype = queue.receive(block=False)
             except sysv_ipc.BusyError:
                 break
             except sysv_ipc.Error:
                 continue  # EINTR
+            found.extend((raw, mtype) for raw in flatten(whole))
         journaled: dict[tuple[int, int], tuple[bytes, Any]] = {}
         if state.journal is not None:
             for token, tid, msg in state.journal.entries():

@@ -165,7 +165,7 @@ def purge_queue(key: int) -> tuple[int, int]:
     import sysv_ipc
 
     from .limits import msgmax
-    from .protocol import HEADER_SIZE, Flag, Kind, ProtocolError, split_task_body, unpack_header
+    from .protocol import Flag, Kind, ProtocolError, flatten, parse, split_task_body
 
     queue = sysv_ipc.MessageQueue(key, 0, max_message_size=max(msgmax(), 1 << 16))
     messages = files = 0
@@ -178,16 +178,17 @@ def purge_queue(key: int) -> tuple[int, int]:
             break
         except sysv_ipc.Error:
             continue
-        messages += 1
-        try:
-            h = unpack_header(raw)
-            if h.kind == Kind.TASK and h.flags & Flag.SPILL:
-                _, ref = split_task_body(memoryview(raw)[HEADER_SIZE:])
-                before = len(spill.list_files())
-                spill.discard(bytes(ref).decode("ascii", "replace"))
-                files += before - len(spill.list_files())
-        except ProtocolError:
-            pass
+        for inner in flatten(raw):
+            messages += 1
+            try:
+                h, body = parse(inner)
+                if h.kind == Kind.TASK and h.flags & Flag.SPILL:
+                    _, ref = split_task_body(body)
+                    before = len(spill.list_files())
+                    spill.discard(bytes(ref).decode("ascii", "replace"))
+                    files += before - len(spill.list_files())
+            except ProtocolError:
+                pass
     return messages, files
 
 

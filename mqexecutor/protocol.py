@@ -34,7 +34,7 @@ __all__ = [
     "MAGIC", "WIRE_VERSION", "HEADER_FORMAT", "HEADER_SIZE", "Kind", "Flag", "Status",
     "Header", "ProtocolError", "pack_header", "unpack_header", "PREEMPTIVE_MTYPE",
     "RESULT_MTYPE", "CONTROL_MTYPE", "targeted_mtype", "task_body", "split_task_body",
-    "replace_route", "build", "parse", "AuthError", "TAG_SIZE",
+    "replace_route", "build", "parse", "AuthError", "TAG_SIZE", "split_batch", "flatten",
 ]
 
 MAGIC = b"MQ"
@@ -77,7 +77,9 @@ class Flag(enum.IntFlag):
     SPILL = 0x0001
     #: The task was sent in targeted mode (Mode.TARGETED); preemptive workers refuse it.
     TARGETED = 0x0002
-    #: The task's body is a list of calls; its result a list of outcomes.
+    #: The body is several whole TASK messages (see :func:`split_batch`), run in
+    #: order by one worker; the producer packs them when its backlog holds many
+    #: small tasks. The outer header carries no HMAC: each inner message does.
     BATCH = 0x0004
     #: The last TAG_SIZE (32) bytes are an HMAC-SHA256, under the pool's authkey,
     #: of everything before them (header included); ``length`` counts them.
@@ -190,6 +192,44 @@ def unpack_header(data: bytes | memoryview) -> Header:
                             f"{len(data) - HEADER_SIZE}")
     return Header(kind, flags, status, task_id, token, reply, pid, worker, length,
                   version)
+
+
+_LEN = struct.Struct("<I")
+
+
+def split_batch(body: bytes | memoryview) -> list[bytes]:
+    """The inner TASK messages of a BATCH message's body (each a u32 length,
+    little-endian, then a whole message with its own header and HMAC).
+
+    Raises:
+        ProtocolError: a length runs past the end of the body.
+    """
+    view = memoryview(body)
+    out = []
+    offset = 0
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise ProtocolError("batch body ends inside a length field")
+        (n,) = _LEN.unpack_from(view, offset)
+        offset += 4
+        if n < HEADER_SIZE or offset + n > len(view):
+            raise ProtocolError(f"batch entry of {n} bytes does not fit the batch body")
+        out.append(bytes(view[offset:offset + n]))
+        offset += n
+    return out
+
+
+def flatten(raw: bytes) -> list[bytes]:
+    """The task messages carried by ``raw``: its inner messages when it is a
+    BATCH, else ``[raw]``. Malformed batches come back whole (``[raw]``), for
+    the caller's own checks to refuse."""
+    if len(raw) >= HEADER_SIZE and raw[:2] == MAGIC and raw[4] & Flag.BATCH:
+        try:
+            unpack_header(raw)
+            return split_batch(memoryview(raw)[HEADER_SIZE:])
+        except ProtocolError:
+            return [raw]
+    return [raw]
 
 
 def replace_route(message: bytes, task_id: int, token: int, reply: int, pid: int,

@@ -38,7 +38,7 @@ import sysv_ipc
 from . import codec, deadletter, spill
 from .limits import msgmax
 from .protocol import (HEADER_SIZE, RESULT_MTYPE, Flag, Kind, ProtocolError, Status, build,
-                       parse, split_task_body)
+                       parse, split_batch, split_task_body, unpack_header)
 from .scoreboard import Scoreboard
 
 __all__ = ["worker_id", "current_task_id", "WorkerConfig", "run_worker", "EXIT_INIT_FAILED"]
@@ -289,6 +289,7 @@ class _Worker:
         self.inline_max = msgmax() - HEADER_SIZE
         self.mtype = cfg.worker_id + 1 if cfg.targeted else 0
         self.rejected = 0
+        self.done = 0  # tasks run, for max_tasks_per_child
         self.swoole = None
         if cfg.swoole_handler:
             from . import swoole
@@ -363,9 +364,39 @@ class _Worker:
             if reason is not None:
                 self.reject(raw, reason)
             return
+        if len(raw) >= HEADER_SIZE and raw[:2] == b"MQ" and raw[4] & Flag.BATCH:
+            self.handle_batch(raw)
+            return
         self.handle_task(raw)
+        self.board.idle(self.cfg.worker_id)
+        self.done += 1
+
+    def handle_batch(self, raw: bytes) -> None:
+        """Run the tasks of a BATCH message in order. The slot moves from one
+        task to the next without going idle, so a death between two tasks still
+        names one of them and the producer re-sends the rest. A stop request or
+        max_tasks_per_child between two tasks puts the rest back in the queue."""
+        try:
+            h = unpack_header(raw)
+            inner = split_batch(memoryview(raw)[HEADER_SIZE:])
+        except ProtocolError as exc:
+            self.reject(raw, f"bad batch: {exc}")
+            return
+        mtype = self.cfg.worker_id + 1 if h.flags & Flag.TARGETED else 1
+        try:
+            for i, message in enumerate(inner):
+                if _stop or (self.cfg.max_tasks and self.done >= self.cfg.max_tasks):
+                    for rest in inner[i:]:
+                        self.requeue(rest, mtype)
+                    return
+                self.handle_task(message)
+                self.done += 1
+        finally:
+            self.board.idle(self.cfg.worker_id)
 
     def handle_task(self, raw: bytes) -> None:
+        """Run one TASK message and send its outcome. Leaves the slot busy
+        (the caller marks it idle)."""
         global _task_id
         cfg = self.cfg
         try:
@@ -416,7 +447,7 @@ class _Worker:
                 if m.flags & Flag.SPILL:
                     spill.discard(bytes(mbody).decode("ascii", "replace"))
         finally:
-            self.board.idle(cfg.worker_id)
+            _task_id = None
 
     def cleanup_after_owner(self) -> None:
         """The owner died: remove what only it could have removed."""
@@ -432,7 +463,6 @@ class _Worker:
     def run(self) -> int:
         if not self.initialize():
             return EXIT_INIT_FAILED
-        done = 0
         while not _stop:
             got = self.receive()
             if got is None:
@@ -442,8 +472,7 @@ class _Worker:
                 self.requeue(raw, mtype)
                 break
             self.handle(raw)
-            done += 1
-            if self.cfg.max_tasks and done >= self.cfg.max_tasks:
+            if self.cfg.max_tasks and self.done >= self.cfg.max_tasks:
                 break
         if _owner_dead:
             self.cleanup_after_owner()
