@@ -1138,6 +1138,9 @@ class MQExecutor(Executor):
                                                  protocol=codec.PROTOCOL)
         if key is not None:
             _check_no_live_owner(key, mode)
+        if swoole_handler is not None:
+            from . import swoole
+            swoole.load_handler(swoole_handler)  # fail here, not in every worker
         _collect_garbage_once()
         if batch_size is not None and (isinstance(batch_size, bool)
                                        or not isinstance(batch_size, int) or batch_size < 1):
@@ -1267,6 +1270,9 @@ class MQExecutor(Executor):
         adopt: list[tuple[bytes, int, Any]] = []
         problem = None
         for raw, mtype in found:
+            if state.swoole_handler is not None or raw[:1] == b"{":
+                keep.append((raw, mtype))  # JSON tasks, Swoole packets: for the workers
+                continue
             try:
                 h = unpack_header(raw)
             except ProtocolError as exc:

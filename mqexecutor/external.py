@@ -64,7 +64,8 @@ import os
 import re
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["VERSION", "handle_json", "parse_task", "is_allowed", "resolve",
            "JSONTask", "TaskRefused"]

@@ -58,11 +58,13 @@ import struct
 import sys
 import tempfile
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["load_handler", "handle_packet", "parse_packet", "pack_packet", "read_tmpfile",
-           "tmpfile_dirs", "SwoolePacket", "HEADER", "SW_EVENT_TASK", "SW_TASK_TMPFILE",
-           "SW_TASK_SERIALIZE", "SW_TASK_NONBLOCK", "TMPFILE_PREFIX", "ENV_TMPDIR"]
+           "tmpfile_dirs", "SwoolePacket", "PacketRefused", "HEADER", "SW_EVENT_TASK",
+           "SW_TASK_TMPFILE", "SW_TASK_SERIALIZE", "SW_TASK_NONBLOCK", "TMPFILE_PREFIX",
+           "ENV_TMPDIR"]
 
 #: ``pack('lSsCCS', ...)``: native byte order, standard sizes, no padding.
 HEADER = struct.Struct("=iHhBBH")

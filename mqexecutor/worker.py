@@ -198,6 +198,7 @@ class _Replier:
             return False
         delay = 0.0001
         waited = 0.0
+        reopened = False
         while True:
             try:
                 self._queue(key).send(message, block=False, type=RESULT_MTYPE)
@@ -209,6 +210,14 @@ class _Replier:
                 return False
             except sysv_ipc.Error:  # EINTR
                 pass
+            except OSError:
+                # EINVAL: the cached queue was removed and the key reused by a
+                # new queue. Open it again once.
+                self._queues.pop(key, None)
+                if reopened:
+                    return False
+                reopened = True
+                continue
             time.sleep(delay)
             waited += delay
             delay = min(delay * 2, 0.02)
@@ -229,7 +238,11 @@ class _Replier:
                 return True
             except sysv_ipc.BusyError:
                 time.sleep(0.01)
+            except OSError:  # a stale cached queue (key reused): open it again
+                if self._queues.pop(key, None) is None:
+                    return False
             except (sysv_ipc.Error, ValueError):
+                self._queues.pop(key, None)
                 return False
         return False
 
@@ -357,12 +370,16 @@ class _Worker:
             reason = swoole.handle_packet(raw, self.swoole)
             if reason is not None:
                 self.reject(raw, reason)
+            else:
+                self.done += 1
             return
         if raw[:1] == b"{":
             from . import external
             reason = external.handle_json(raw, self.cfg.allow, self.replier.send_raw)
             if reason is not None:
                 self.reject(raw, reason)
+            else:
+                self.done += 1
             return
         if len(raw) >= HEADER_SIZE and raw[:2] == b"MQ" and raw[4] & Flag.BATCH:
             self.handle_batch(raw)
