@@ -33,6 +33,7 @@ from .errors import (BrokenMQPool, BrokenProcessPool, QueueModeError, RemoteTrac
 from .executor import (CapacityWarning, MQExecutor, MQFuture, Mode, PoolStats, StrandedTask,
                        TaskOptions)
 from .persistence import remove_queue
+from .progress import progress, progress_map
 from .limits import msgmax, msgmnb
 from .queues import ftok
 from .worker import current_task_id, worker_id
@@ -44,5 +45,5 @@ __all__ = [
     "PoolStats", "StrandedTask", "TaskOptions", "CapacityWarning", "remove_queue",
     "BrokenMQPool", "BrokenProcessPool", "TerminatedWorkerError", "TaskUnpicklingError",
     "ResultUnpicklingError", "QueueModeError", "RemoteTraceback", "msgmax", "msgmnb",
-    "__version__",
+    "progress", "progress_map", "__version__",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import signal
 import sys
 import threading
@@ -255,7 +256,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for fut in ex.recovered():
         fut.add_done_callback(report)
     while not stop.wait(0.5):
-        pass
+        if ex._state.broken is not None:
+            print(f"mqexecutor: error: the pool broke: {ex._state.broken}", file=sys.stderr,
+                  flush=True)
+            ex.shutdown(wait=False)
+            return EXIT_NO_QUEUE if not ipcinfo.queue_info(args.key) else 1
     print("mqexecutor: stopping: running tasks finish, queued tasks stay in the queue",
           flush=True)
     ex.shutdown(wait=False)
@@ -308,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (``mqexecutor ls | head``): no traceback, and no
+        # second error when Python flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "workers", 1) is not None and getattr(args, "workers", 1) <= 0:
         print("mqexecutor: error: --workers must be greater than 0", file=sys.stderr)

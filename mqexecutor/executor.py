@@ -1021,7 +1021,21 @@ def _set_capacity(state: _PoolState, capacity: int) -> None:
         CapacityWarning, stacklevel=4)
 
 
+def _producer_alive(pid: int, token: int) -> bool:
+    """Whether the producer (pid, token) of a queued task still waits for it."""
+    if pid == os.getpid():
+        return any(s.token == token and not s.closed for s in list(_live_states))
+    return persistence.pid_alive(pid)
+
+
 def _check_no_live_owner(key: int, mode: Mode) -> None:
+    for state in list(_live_states):  # a live pool of this process
+        if (state.pid == os.getpid() and not state.closed and not state.attach
+                and state.explicit_key and state.task_queue is not None
+                and state.task_queue.key == key and state.mode != mode):
+            raise QueueModeError(
+                f"key 0x{key & 0xFFFFFFFF:08x} is served by a {state.mode.name} pool of "
+                f"this process; this executor asked for {mode.name}")
     meta = persistence.read_meta(spill.key_subdir(key))
     if (meta is not None and meta.mode != int(mode) and meta.owner_pid != os.getpid()
             and persistence.pid_alive(meta.owner_pid)
@@ -1261,7 +1275,7 @@ class MQExecutor(Executor):
                     h = unpack_header(msg)
                 except ProtocolError:
                     continue
-                if h.pid != state.pid and persistence.pid_alive(h.pid):
+                if _producer_alive(h.pid, h.token):
                     continue  # its producer lives and will get the outcome
                 journaled[(token, tid)] = (msg, h)
         if not found and not journaled:
@@ -1291,7 +1305,7 @@ class MQExecutor(Executor):
                 theirs = "TARGETED" if h.flags & Flag.TARGETED else "PREEMPTIVE"
                 problem = (f"the queue of key 0x{self._key & 0xFFFFFFFF:08x} holds tasks sent "
                            f"in {theirs} mode; this executor is {state.mode.name}")
-            if persistence.pid_alive(h.pid) and h.pid != state.pid:
+            if _producer_alive(h.pid, h.token):
                 keep.append((raw, mtype))  # a live producer still waits for it
                 continue
             journaled.pop((h.token, h.task_id), None)  # in the queue: adopted from there
@@ -1648,8 +1662,10 @@ class MQExecutor(Executor):
         queue, pending tasks still run, as in ProcessPoolExecutor.
         """
         state = self._state
-        state.request_shutdown(cancel_futures,
-                               abandon=not wait and state.explicit_key)
+        abandon = not wait and state.explicit_key
+        state.request_shutdown(cancel_futures, abandon=abandon)
+        if abandon:  # stop workers now: the tasks still queued stay for the next pool
+            state.signal_workers(STOP_SIGNAL)
         if wait and state.manager is not None and state.manager is not threading.current_thread() \
                 and state.collector is not threading.current_thread():
             state.manager.join()

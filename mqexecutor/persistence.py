@@ -184,9 +184,7 @@ def purge_queue(key: int) -> tuple[int, int]:
                 h, body = parse(inner)
                 if h.kind == Kind.TASK and h.flags & Flag.SPILL:
                     _, ref = split_task_body(body)
-                    before = len(spill.list_files())
-                    spill.discard(bytes(ref).decode("ascii", "replace"))
-                    files += before - len(spill.list_files())
+                    files += spill.discard(bytes(ref).decode("ascii", "replace"))
             except ProtocolError:
                 pass
     return messages, files

@@ -80,11 +80,14 @@ def progress(futures: Iterable[F], *, total: int | None = None, desc: str | None
     """
     tqdm = _tqdm_class()
     fs = list(dict.fromkeys(futures))
-    bar = tqdm(total=len(fs) if total is None else total, desc=desc, **tqdm_kwargs)
+    end = None if timeout is None else time.monotonic() + timeout
 
     def run() -> Iterator[F]:
+        # The bar appears when iteration starts, and is closed however it ends.
+        bar = tqdm(total=len(fs) if total is None else total, desc=desc, **tqdm_kwargs)
         try:
-            for fut in concurrent.futures.as_completed(fs, timeout=timeout):
+            left = None if end is None else max(end - time.monotonic(), 0.0)
+            for fut in concurrent.futures.as_completed(fs, timeout=left):
                 bar.update(1)
                 yield cast(F, fut)
         finally:
@@ -163,24 +166,25 @@ def progress_map(executor: Executor, fn: Callable[..., T], *iterables: Iterable[
         for f in fs:
             f.cancel()
         raise
-    items = sum(sizes.values())
-    tqdm_kwargs.setdefault("total", items)
-    bar = tqdm(**tqdm_kwargs)
+    tqdm_kwargs.setdefault("total", sum(sizes.values()))
 
     def results() -> Iterator[T]:
+        # The bar appears when iteration starts (it then catches up with the
+        # items done meanwhile), and is closed however the iteration ends.
+        bar = tqdm(**tqdm_kwargs)
         seen = 0  # completion notices read
 
-        def read_notice(block: bool) -> None:
+        def read_notice(block: bool, deadline: float | None = end) -> None:
             """Read one completion notice and move the bar; queue.Empty when
-            ``block`` is False and none is there, TimeoutError past ``end``."""
+            ``block`` is False and none is there, TimeoutError past ``deadline``."""
             nonlocal seen
             if not block:
                 f = done.get_nowait()
-            elif end is None:
+            elif deadline is None:
                 f = done.get()
             else:
                 try:
-                    f = done.get(timeout=max(end - time.monotonic(), 0.0))
+                    f = done.get(timeout=max(deadline - time.monotonic(), 0.0))
                 except queue.Empty:
                     raise TimeoutError(f"progress_map: {timeout} s passed with "
                                        f"{len(fs) - seen} tasks not done") from None
@@ -202,8 +206,8 @@ def progress_map(executor: Executor, fn: Callable[..., T], *iterables: Iterable[
                     yield value
                 else:
                     yield from value
-            while seen < len(fs):  # callbacks run just after done() turns True
-                read_notice(True)
+            while seen < len(fs):  # every future is done: its callback is imminent
+                read_notice(True, None)
         finally:
             for f in fs:
                 f.cancel()

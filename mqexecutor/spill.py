@@ -313,12 +313,14 @@ def load(reference: str, loads: Callable[..., Any], unlink: bool = True) -> Any:
     return loads(pickled, buffers=buffers)
 
 
-def discard(reference: str) -> None:
-    """Unlink the spill file of ``reference`` if it exists (never raises)."""
+def discard(reference: str) -> bool:
+    """Unlink the spill file of ``reference`` if it exists (never raises).
+    Returns True when a file was removed."""
     try:
         os.close(_open_spill(reference))
+        return True
     except (OSError, ValueError):
-        pass
+        return False
 
 
 def remove_subdir(subdir: str) -> None:
