@@ -28,13 +28,27 @@ drained by the collector, so a full task queue cannot deadlock the pool.
 """
 from __future__ import annotations
 
-from .errors import (BrokenMQPool, BrokenProcessPool, QueueModeError, RemoteTraceback,
-                     ResultUnpicklingError, TaskUnpicklingError, TerminatedWorkerError)
-from .executor import (CapacityWarning, MQExecutor, MQFuture, Mode, PoolStats, StrandedTask,
-                       TaskOptions)
+from .errors import (
+                     BrokenMQPool,
+                     BrokenProcessPool,
+                     QueueModeError,
+                     RemoteTraceback,
+                     ResultUnpicklingError,
+                     TaskUnpicklingError,
+                     TerminatedWorkerError,
+)
+from .executor import (
+                     CapacityWarning,
+                     MQExecutor,
+                     MQFuture,
+                     Mode,
+                     PoolStats,
+                     StrandedTask,
+                     TaskOptions,
+)
+from .limits import msgmax, msgmnb
 from .persistence import remove_queue
 from .progress import progress, progress_map
-from .limits import msgmax, msgmnb
 from .queues import ftok
 from .worker import current_task_id, worker_id
 

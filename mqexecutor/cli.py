@@ -14,12 +14,12 @@ import signal
 import sys
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import sysv_ipc
 
 from . import deadletter, ipcinfo, persistence, spill
-from .executor import Mode, MQExecutor
+from .executor import MQExecutor, Mode
 from .limits import msgmax
 from .protocol import Flag, Kind, ProtocolError, flatten, parse, split_task_body
 from .queues import parse_key
@@ -140,7 +140,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
     per_type: collections.Counter[int] = collections.Counter()
     names: collections.Counter[str] = collections.Counter()
     spilled = foreign = 0
-    for mtype, raw in [(t, inner) for t, whole in messages for inner in flatten(whole)]:
+    for raw in [inner for _, whole in messages for inner in flatten(whole)]:
         try:
             h, body = parse(raw)
             name, _ = split_task_body(body)

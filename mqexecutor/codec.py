@@ -1,11 +1,12 @@
-"""Serialization of calls and outcomes: cloudpickle in, plain pickle out.
+"""Serialization of calls and outcomes: the C pickler, cloudpickle when needed.
 
 A task body pickles ``(fn, args, kwargs)`` with protocol 5. The C pickler is
 tried first (it is several times faster than cloudpickle); cloudpickle is used
 whenever the C pickler fails (lambdas, closures, dynamic modules), whenever the
 stream refers to ``__main__`` (a REPL or notebook function must travel by value:
 the worker's ``__main__`` may not have it), and whenever modules are registered
-with ``cloudpickle.register_pickle_by_value``. Results are pickled the same way. A body larger than fits in one message is spilled to a file
+with ``cloudpickle.register_pickle_by_value``. Results are pickled the same way.
+A body larger than fits in one message is spilled to a file
 (:mod:`mqexecutor.spill`) with its out-of-band buffers (pickle protocol 5)
 written straight into the file, and the message body becomes the reference.
 """

@@ -55,7 +55,7 @@ def record(key: int, raw: bytes, reason: str, worker: int | None) -> str | None:
 def list_records(key: int) -> list[dict]:
     """The dead letters of ``key``, oldest first; each a dict with time,
     reason, worker, size, message (bytes) and path."""
-    out = []
+    out: list[dict] = []
     try:
         path = _dir(key, create=False)
         names = sorted(os.listdir(path))

@@ -29,23 +29,44 @@ import time
 import traceback
 import warnings
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import _base as _futures_base
-from typing import Any, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import sysv_ipc
 
 from . import codec, deadletter, ipcinfo, journal, persistence, queues, spill
-from .errors import (BrokenMQPool, QueueModeError, RemoteTraceback,
-                     ResultUnpicklingError, TaskUnpicklingError, TerminatedWorkerError)
+from .errors import (
+    BrokenMQPool,
+    QueueModeError,
+    RemoteTraceback,
+    ResultUnpicklingError,
+    TaskUnpicklingError,
+    TerminatedWorkerError,
+)
 from .limits import msgmax
-from .protocol import (CONTROL_MTYPE, HEADER_SIZE, PREEMPTIVE_MTYPE, RESULT_MTYPE, TAG_SIZE,
-                       WIRE_VERSION,
-                       Flag, Kind, ProtocolError, Status, build, flatten, parse,
-                       replace_route,
-                       pack_header, split_task_body, targeted_mtype, task_body,
-                       unpack_header)
+from .protocol import (
+    CONTROL_MTYPE,
+    HEADER_SIZE,
+    PREEMPTIVE_MTYPE,
+    RESULT_MTYPE,
+    TAG_SIZE,
+    WIRE_VERSION,
+    Flag,
+    Kind,
+    ProtocolError,
+    Status,
+    build,
+    flatten,
+    parse,
+    replace_route,
+    split_task_body,
+    targeted_mtype,
+    task_body,
+    unpack_header,
+)
 from .scoreboard import BUSY, INIT_FAILED, Scoreboard
 from .worker import STOP_SIGNAL, WorkerConfig, run_worker
 
@@ -220,7 +241,7 @@ def _cpu_count() -> int:
 
 # All live pools of this process, for interpreter exit. Children created by fork
 # must not act on their parent's pools.
-_live_states: "weakref.WeakSet[_PoolState]" = weakref.WeakSet()
+_live_states: weakref.WeakSet[_PoolState] = weakref.WeakSet()
 _interpreter_shutdown = False
 
 
@@ -288,8 +309,9 @@ class _PoolState:
         self.inline_max = msgmax() - HEADER_SIZE - (TAG_SIZE if authkey else 0)
         self.subdir = spill.producer_subdir(self.pid, self.token)
         self.task_subdir = spill.key_subdir(key) if key is not None else self.subdir
-        self.task_queue: sysv_ipc.MessageQueue | None = None
-        self.reply_queue: sysv_ipc.MessageQueue | None = None
+        # Set below before any use; None only if construction failed.
+        self.task_queue: sysv_ipc.MessageQueue = None  # type: ignore[assignment]
+        self.reply_queue: sysv_ipc.MessageQueue = None  # type: ignore[assignment]
         self.board: Scoreboard | None = None
         self.collector: threading.Thread | None = None
         self.manager: threading.Thread | None = None
@@ -307,7 +329,8 @@ class _PoolState:
                     spill.ensure_subdir(index, self.task_subdir)
             if durable:
                 self.journal = journal.Journal(
-                    durable if isinstance(durable, str) else journal.default_spool(key))
+                    durable if isinstance(durable, str)
+                    else journal.default_spool(key))  # type: ignore[arg-type]  # key set
             if not attach:
                 self.board = Scoreboard(
                     os.path.join(spill.root_dir(0), self.subdir, "scoreboard"),
@@ -708,10 +731,10 @@ def _handle_result(state: _PoolState, raw: bytes) -> None:
         return
     if h.status == Status.INIT_FAILED:
         try:
-            exc, tb = codec.loads(body, spilled)
-            what = f"{type(exc).__name__}: {exc}"
-        except BaseException as err:  # noqa: BLE001
-            what = f"an exception that could not be unpickled ({err!r})"
+            init_exc, tb = codec.loads(body, spilled)
+            what = f"{type(init_exc).__name__}: {init_exc}"
+        except BaseException as load_err:  # noqa: BLE001
+            what = f"an exception that could not be unpickled ({load_err!r})"
             tb = ""
         state.break_pool(f"the initializer of task worker {h.worker} raised {what}; "
                          f"the pool is not usable anymore\n{tb}")
@@ -731,12 +754,12 @@ def _handle_result(state: _PoolState, raw: bytes) -> None:
     try:
         value = codec.loads(body, spilled)
     except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
-        err = ResultUnpicklingError(
+        unpickle_err = ResultUnpicklingError(
             f"the result of task {fut.task_id} ({fut.fn_name}) could not be unpickled: "
             f"{type(exc).__name__}: {exc}")
-        err.__cause__ = exc
+        unpickle_err.__cause__ = exc
         try:
-            fut.set_exception(err)
+            fut.set_exception(unpickle_err)
         except _futures_base.InvalidStateError:
             pass
         if state.journal is not None:
@@ -810,7 +833,7 @@ def _worker_exited(state: _PoolState, wid: int) -> None:
     """A worker process ended: fail the task it was running, then replace it."""
     p = state.processes[wid]
     p.join()
-    state.handled.add(p.pid)
+    state.handled.add(p.pid or 0)
     assert state.board is not None
     slot = state.board.read(wid)
     state.board.idle(wid)
@@ -835,7 +858,7 @@ def _worker_exited(state: _PoolState, wid: int) -> None:
 
 def _queue_exists(state: _PoolState) -> bool:
     try:
-        state.task_queue.current_messages
+        _ = state.task_queue.current_messages
         return True
     except sysv_ipc.ExistentialError:
         return False
@@ -892,7 +915,7 @@ def _manager_loop(state: _PoolState) -> None:
                 except OSError:
                     pass
             for sentinel in ready:
-                wid = sentinels.get(sentinel)
+                wid = sentinels.get(sentinel)  # type: ignore[arg-type]
                 if wid is not None:
                     _worker_exited(state, wid)
             if backlog:
@@ -1171,7 +1194,7 @@ class MQExecutor(Executor):
     @classmethod
     def attach(cls, key: int, *, mode: Mode | int = Mode.PREEMPTIVE,
                workers: int | None = None, authkey: bytes | None = None,
-               retries: int = 0, durable: bool | str = False) -> "MQExecutor":
+               retries: int = 0, durable: bool | str = False) -> MQExecutor:
         """An executor that starts no workers and submits to the pool another
         process serves on ``key`` (``mqexecutor serve`` or an MQExecutor).
 
@@ -1194,9 +1217,10 @@ class MQExecutor(Executor):
             sysv_ipc.ExistentialError: no queue has this key.
             QueueModeError: the pool serving the key runs in the other mode.
         """
-        key, mode = _check_key_mode(key, mode)
-        if key is None:
+        checked, mode = _check_key_mode(key, mode)
+        if checked is None:
             raise TypeError("attach() needs the key of a served queue, not None")
+        key = checked
         meta = persistence.read_meta(spill.key_subdir(key))
         if meta is not None and meta.mode != int(mode) and persistence.pid_alive(meta.owner_pid):
             raise QueueModeError(
@@ -1219,7 +1243,7 @@ class MQExecutor(Executor):
             state.batch_fixed = True
         self._mode = state.mode
         self._max_workers = state.max_workers
-        self._key = state.task_queue.key if state.task_queue is not None else None
+        self._key: int = state.task_queue.key
         self._state = state
         self._recovered: list[MQFuture] = []
         self._stranded: list[StrandedTask] = []
@@ -1364,7 +1388,7 @@ class MQExecutor(Executor):
                     state.outstanding[worker] += 1
                 ref = bytes(payload).decode("ascii", "replace") if h.flags & Flag.SPILL else None
                 durable = state.journal is not None
-                if durable:
+                if state.journal is not None:
                     state.journal.move((h.token, h.task_id), (state.token, task_id), message)
                 item = _WorkItem(fut, message, mtype, worker, ref,
                                  keep=durable or bool(h.flags & Flag.KEEP_SPILL))
@@ -1399,7 +1423,7 @@ class MQExecutor(Executor):
     @property
     def _processes(self) -> dict[int, Any]:
         """Worker processes by pid (as ProcessPoolExecutor's private attribute)."""
-        return {p.pid: p for p in self._state.processes.values()}
+        return {p.pid: p for p in self._state.processes.values() if p.pid is not None}
 
     @property
     def inherited(self) -> int:
@@ -1484,7 +1508,7 @@ class MQExecutor(Executor):
             raise ValueError(f"worker_id must be in 0..{self._max_workers - 1}, "
                              f"not {worker_id!r}")
 
-    def with_options(self, *, retries: int | None = None) -> "TaskOptions":
+    def with_options(self, *, retries: int | None = None) -> TaskOptions:
         """A view of this executor whose ``submit``, ``submit_to`` and ``map``
         apply per-task options.
 
@@ -1571,7 +1595,7 @@ class MQExecutor(Executor):
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int = 1, buffersize: int | None = None,
-            _options: "TaskOptions | None" = None) -> Iterator:
+            _options: TaskOptions | None = None) -> Iterator:
         """Ordered, lazy ``map(fn, *iterables)`` run by the workers, as Python
         3.14's ProcessPoolExecutor.map.
 
@@ -1601,7 +1625,7 @@ class MQExecutor(Executor):
 
         retries = _options.retries if _options is not None else None
 
-        def submit_one(executor: "MQExecutor", a: Any) -> MQFuture:
+        def submit_one(executor: MQExecutor, a: Any) -> MQFuture:
             if chunksize > 1:
                 return executor._submit(_process_chunk, (fn, a), {}, None, retries)
             return executor._submit(fn, a, {}, None, retries)

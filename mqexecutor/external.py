@@ -65,7 +65,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = ["VERSION", "handle_json", "parse_task", "is_allowed", "resolve",
            "JSONTask", "TaskRefused"]
@@ -121,7 +121,7 @@ class JSONTask:
         self.reply_mtype = reply_mtype
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -43,7 +43,7 @@ class QueueInfo(NamedTuple):
 
 def list_queues() -> list[QueueInfo]:
     """Every message queue this process can see, from /proc/sysvipc/msg."""
-    out = []
+    out: list[QueueInfo] = []
     try:
         with open(PROC_MSG) as f:
             lines = f.read().splitlines()[1:]

@@ -30,7 +30,7 @@ def _read_int(path: str, default: int) -> int:
         return default
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def msgmax() -> int:
     """Largest message the kernel accepts, in bytes (``kernel.msgmax``).
 

@@ -72,7 +72,7 @@ def read_meta(subdir: str) -> QueueMeta | None:
 
 def producer_metas() -> list[tuple[str, QueueMeta]]:
     """(subdir, meta) of every producer and key directory with metadata."""
-    out = []
+    out: list[tuple[str, QueueMeta]] = []
     root = spill.spill_roots()[0]
     try:
         names = sorted(os.listdir(root))

@@ -34,7 +34,8 @@ import secrets
 import shutil
 import struct
 import tempfile
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = [
     "SpillError", "spill_roots", "root_dir", "ensure_subdir", "write", "load",
@@ -333,7 +334,7 @@ def remove_subdir(subdir: str) -> None:
 
 def list_files(subdir: str | None = None) -> list[str]:
     """Paths of the spill files present (all, or those of ``subdir``)."""
-    found = []
+    found: list[str] = []
     for root in spill_roots():
         if not os.path.isdir(root):
             continue

@@ -37,8 +37,19 @@ import sysv_ipc
 
 from . import codec, deadletter, spill
 from .limits import msgmax
-from .protocol import (HEADER_SIZE, RESULT_MTYPE, Flag, Kind, ProtocolError, Status, build,
-                       parse, split_batch, split_task_body, unpack_header)
+from .protocol import (
+    HEADER_SIZE,
+    RESULT_MTYPE,
+    Flag,
+    Kind,
+    ProtocolError,
+    Status,
+    build,
+    parse,
+    split_batch,
+    split_task_body,
+    unpack_header,
+)
 from .scoreboard import Scoreboard
 
 __all__ = ["worker_id", "current_task_id", "WorkerConfig", "run_worker", "EXIT_INIT_FAILED"]
