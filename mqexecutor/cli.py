@@ -57,6 +57,8 @@ def _info(key: int) -> ipcinfo.QueueInfo:
 
 
 def _capacity(key: int) -> int | None:
+    if key == 0:  # IPC_PRIVATE: opening by key would create a queue
+        return None
     try:
         return sysv_ipc.MessageQueue(key, 0).max_size
     except sysv_ipc.Error:

@@ -134,6 +134,8 @@ def collect_garbage() -> list[str]:
             if meta is not None:
                 keys = [meta.reply_key] + ([meta.key] if meta.private else [])
                 for key in keys:
+                    if key == 0:
+                        continue
                     info = by_key.get(key)
                     if info is None or info.uid != os.getuid():
                         continue
@@ -167,6 +169,8 @@ def purge_queue(key: int) -> tuple[int, int]:
     from .limits import msgmax
     from .protocol import Flag, Kind, ProtocolError, flatten, parse, split_task_body
 
+    if key == 0:
+        raise sysv_ipc.ExistentialError("key 0 is IPC_PRIVATE: it names no queue")
     queue = sysv_ipc.MessageQueue(key, 0, max_message_size=max(msgmax(), 1 << 16))
     messages = files = 0
     while True:

@@ -66,6 +66,8 @@ def open_queue(key: int, *, create: bool = True, mode: int = 0o600) -> sysv_ipc.
         sysv_ipc.ExistentialError: no queue has this key and ``create`` is False.
         sysv_ipc.PermissionsError: the queue exists and this user may not use it.
     """
+    if key == 0:  # IPC_PRIVATE would make a new queue instead of opening one
+        raise sysv_ipc.ExistentialError("key 0 is IPC_PRIVATE: it names no queue")
     flags = sysv_ipc.IPC_CREAT if create else 0
     try:
         return sysv_ipc.MessageQueue(key, flags, mode=mode, max_message_size=msgmax())

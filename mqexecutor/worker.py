@@ -192,6 +192,8 @@ class _Replier:
     def _queue(self, key: int) -> sysv_ipc.MessageQueue:
         q = self._queues.get(key)
         if q is None:
+            if key == 0:  # IPC_PRIVATE: msgget would create a queue nobody reads
+                raise sysv_ipc.ExistentialError("reply key 0 (IPC_PRIVATE) names no queue")
             if len(self._queues) > 256:
                 self._queues.clear()
             q = sysv_ipc.MessageQueue(key, 0, max_message_size=msgmax())
@@ -259,10 +261,11 @@ class _Replier:
 
     def _bury(self, key: int, producer_pid: int, token: int) -> None:
         self._queues.pop(key, None)
-        try:
-            sysv_ipc.MessageQueue(key, 0).remove()
-        except sysv_ipc.Error:
-            pass
+        if key != 0:
+            try:
+                sysv_ipc.MessageQueue(key, 0).remove()
+            except sysv_ipc.Error:
+                pass
         if token:
             spill.remove_subdir(spill.producer_subdir(producer_pid, token))
 
@@ -435,6 +438,9 @@ class _Worker:
         except ProtocolError as exc:
             self.reject(raw, str(exc))
             return
+        if h.reply == 0:
+            self.reject(raw, "reply key 0 (IPC_PRIVATE) names no queue: refused")
+            return
         subdir = spill.producer_subdir(h.pid, h.token)
         spilled = bool(h.flags & Flag.SPILL)
         keep = bool(h.flags & Flag.KEEP_SPILL)
@@ -481,6 +487,8 @@ class _Worker:
         """The owner died: remove what only it could have removed."""
         cfg = self.cfg
         for key in ([cfg.task_key] if cfg.private_queue else []) + [cfg.owner_reply_key]:
+            if key == 0:
+                continue
             try:
                 sysv_ipc.MessageQueue(key, 0).remove()
             except sysv_ipc.Error:
