@@ -441,10 +441,11 @@ class _PoolState:
                     continue  # sent_n == 1: sent alone
                 try:
                     sent = self.send_now(item)
-                except BrokenMQPool as exc:
+                except BaseException as exc:  # noqa: BLE001 - fail the task, keep feeding
                     backlog.popleft()
                     self.forget(item)
-                    fut.set_exception(exc)
+                    fut.set_exception(exc if isinstance(exc, BrokenMQPool)
+                                      else BrokenMQPool(f"sending the task failed: {exc!r}"))
                     continue
                 if not sent:
                     return False
@@ -1583,7 +1584,7 @@ class MQExecutor(Executor):
             try:
                 if not state.backlog and state.send_now(item):
                     return fut
-            except BrokenMQPool:
+            except BaseException:  # BrokenMQPool, or e.g. KeyboardInterrupt in msgsnd
                 state.forget(item)
                 raise
             # The kernel queue is full: the task waits in the backlog, which the

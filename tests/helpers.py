@@ -199,16 +199,21 @@ class Gate:
 
 
 def run_script(code: str, tmp_path, *args: str, timeout: float = 45.0,
-               env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``code`` as ``__main__`` of a fresh interpreter; kill it (only it, not
-    its process group) and fail if it does not exit within ``timeout``."""
-    script = os.path.join(str(tmp_path), "script_main.py")
-    with open(script, "w") as f:
-        f.write(code)
+               env: dict | None = None, dash_c: bool = False) -> subprocess.CompletedProcess:
+    """Run ``code`` as ``__main__`` of a fresh interpreter (from a file, or with
+    ``python -c`` when ``dash_c``); kill it (only it, not its process group) and
+    fail if it does not exit within ``timeout``."""
+    if dash_c:
+        command = [sys.executable, "-c", code, *args]
+    else:
+        script = os.path.join(str(tmp_path), "script_main.py")
+        with open(script, "w") as f:
+            f.write(code)
+        command = [sys.executable, script, *args]
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
-    proc = subprocess.Popen([sys.executable, script, *args], cwd=str(tmp_path),
+    proc = subprocess.Popen(command, cwd=str(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env)
     try:
@@ -347,6 +352,11 @@ def set_global(*values):
 
 def get_global():
     return _GLOBAL
+
+
+def threading_lock():
+    """Something that cannot be pickled."""
+    return threading.Lock()
 
 
 def in_worker() -> bool:

@@ -308,8 +308,9 @@ MAIN_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.timeout(60)
-def test_functions_lambdas_closures_classes_defined_in_main(tmp_path):
-    res = run_script(MAIN_SCRIPT, tmp_path)
+@pytest.mark.parametrize("dash_c", [False, True], ids=["script", "python-c"])
+def test_functions_lambdas_closures_classes_defined_in_main(tmp_path, dash_c):
+    res = run_script(MAIN_SCRIPT, tmp_path, dash_c=dash_c)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "OK", (res.stdout, res.stderr)
 
@@ -332,7 +333,8 @@ SPAWN_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.timeout(60)
-def test_spawn_context_runs_main_functions(tmp_path):
-    res = run_script(SPAWN_SCRIPT, tmp_path)
+@pytest.mark.parametrize("dash_c", [False, True], ids=["script", "python-c"])
+def test_spawn_context_runs_main_functions(tmp_path, dash_c):
+    res = run_script(SPAWN_SCRIPT, tmp_path, dash_c=dash_c)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "OK", (res.stdout, res.stderr)

@@ -184,3 +184,32 @@ def test_map_results_survive_executor_shutdown_when_done():
         it = ex.map(sleep_return, [0.05] * 10, range(10))
     # shutdown(wait=True) waited for every task: the results can be read now
     assert list(it) == list(range(10))
+
+
+def add3(*args):
+    return sum(args) * 3
+
+
+@pytest.mark.timeout(120)
+def test_map_matches_builtin_map_property():
+    """Random iterables, chunk sizes and buffer sizes: the same items, in the
+    same order, as the builtin map (zip semantics for several iterables)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    with pool() as ex:
+        @hypothesis.settings(max_examples=60, deadline=None, database=None,
+                             suppress_health_check=list(hypothesis.HealthCheck))
+        @hypothesis.given(
+            lists=st.lists(st.lists(st.integers(-10**6, 10**6), max_size=40),
+                           min_size=1, max_size=3),
+            chunksize=st.integers(1, 12),
+            buffersize=st.one_of(st.none(), st.integers(1, 6)),
+            as_iterators=st.booleans())
+        def check(lists, chunksize, buffersize, as_iterators):
+            iterables = [iter(x) if as_iterators else x for x in lists]
+            got = list(ex.map(add3, *iterables, chunksize=chunksize,
+                              buffersize=buffersize))
+            assert got == list(map(add3, *lists))
+
+        check()

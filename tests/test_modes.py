@@ -207,3 +207,39 @@ def test_targeted_more_workers_than_cpus():
             pids[w] = results[0][1]
         assert len(set(pids.values())) == 6
         assert set(pids.values()) == set(ex._processes)
+
+
+def _raise_in_task():
+    raise KeyError("x")
+
+
+def test_least_loaded_accounting_survives_failures(tmp_path):
+    """Tasks of worker 0 that fail in every way must not stay counted as
+    outstanding: afterwards, with worker 1 blocked, plain submits go to 0."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from .helpers import exit_now, identity, threading_lock
+    from .test_failures import ErrorAtResultUnpickle, ErrorAtUnpickle, return_instance
+    gate = Gate(tmp_path)
+    with pool(max_workers=2, mode=Mode.TARGETED) as ex:
+        failing = [
+            ex.submit_to(0, exit_now, 1),
+            ex.submit_to(0, identity, ErrorAtUnpickle()),
+            ex.submit_to(0, return_instance, ErrorAtResultUnpickle),
+            ex.submit_to(0, _raise_in_task),
+            ex.submit_to(0, identity, threading_lock()),  # fails to pickle
+            ex.submit_to(0, exit_now, 2),
+        ]
+        for f in failing:
+            assert f.exception(timeout=20) is not None
+        assert isinstance(failing[0].exception(), BrokenProcessPool)
+        try:
+            blocker = ex.submit_to(1, gated, gate.path, gate.started_dir, "b")
+            gate.wait_started(1)
+            for _ in range(5):
+                f = ex.submit(where)
+                assert f.worker_id == 0
+                assert f.result(timeout=10)[0] == 0
+        finally:
+            gate.open()
+        assert blocker.result(timeout=10)[0] == 1

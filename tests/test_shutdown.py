@@ -350,13 +350,14 @@ EXIT_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("n,pad,mode", [(6, 0, 3), (6, 0, 2), (40, 4000, 3)],
-                         ids=["few", "targeted", "backlog"])
-def test_interpreter_exit_with_pending_work_finishes_it(tmp_path, n, pad, mode):
+@pytest.mark.parametrize("n,pad,mode,dash_c", [(6, 0, 3, True), (6, 0, 2, False),
+                                              (40, 4000, 3, False)],
+                         ids=["few-python-c", "targeted", "backlog"])
+def test_interpreter_exit_with_pending_work_finishes_it(tmp_path, n, pad, mode, dash_c):
     out = tmp_path / "out"
     out.mkdir()
     proc = run_script(EXIT_SCRIPT, tmp_path, str(out), str(n), str(pad), str(mode),
-                      timeout=45)
+                      timeout=45, dash_c=dash_c)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.splitlines()[0])
     assert sorted(os.listdir(out)) == sorted(f"done-{i}" for i in range(n))
