@@ -49,12 +49,15 @@ from .errors import (
 from .limits import msgmax
 from .protocol import (
     CONTROL_MTYPE,
+    F_BATCH,
+    F_KEEP_SPILL,
+    F_SPILL,
+    F_TARGETED,
     HEADER_SIZE,
     PREEMPTIVE_MTYPE,
     RESULT_MTYPE,
     TAG_SIZE,
     WIRE_VERSION,
-    Flag,
     Kind,
     ProtocolError,
     Status,
@@ -205,7 +208,7 @@ class _WorkItem:
 
 
 def _spill_reference(task_message: bytes) -> str:
-    """The spill reference carried by a TASK message with Flag.SPILL."""
+    """The spill reference carried by a TASK message with F_SPILL."""
     try:
         _name, payload = split_task_body(memoryview(task_message)[HEADER_SIZE:])
     except ProtocolError:
@@ -502,7 +505,7 @@ class _PoolState:
                 first.future.set_exception(exc)
                 return 1
         body = b"".join(_LEN.pack(len(it.message)) + it.message for it in items)
-        flags = Flag.BATCH | (Flag.TARGETED if self.targeted else 0)
+        flags = F_BATCH | (F_TARGETED if self.targeted else 0)
         message = build(Kind.TASK, flags, 0, first.future.task_id, self.token,
                         self.reply_queue.key, self.pid, first.worker, body)
         for it in items:
@@ -584,7 +587,7 @@ class _PoolState:
                             continue
                         if item.future._withdraw():
                             self.forget(item)
-                            if h.flags & Flag.SPILL:
+                            if h.flags & F_SPILL:
                                 spill.discard(_spill_reference(raw))
         for raw, mtype in foreign:
             for _ in range(200):
@@ -725,7 +728,7 @@ def _handle_result(state: _PoolState, raw: bytes) -> None:
     except ProtocolError as exc:
         sys.stderr.write(f"mqexecutor: refused a message on the reply queue: {exc}\n")
         return
-    spilled = bool(h.flags & Flag.SPILL)
+    spilled = bool(h.flags & F_SPILL)
     if h.kind != Kind.RESULT or h.token != state.token:
         if spilled and h.token == state.token:
             spill.discard(bytes(body).decode("ascii", "replace"))
@@ -877,7 +880,7 @@ def _tell_producer(state: _PoolState, wid: int, p: Any, slot: Any, reason: str) 
     try:
         body, spilled = codec.dumps(err, state.inline_max,
                                     spill.producer_subdir(slot.producer_pid, slot.token))
-        msg = build(Kind.RESULT, Flag.SPILL if spilled else 0, Status.WORKER_DIED,
+        msg = build(Kind.RESULT, F_SPILL if spilled else 0, Status.WORKER_DIED,
                     slot.task_id, slot.token, 0, p.pid or 0, wid, body, state.authkey)
         queue = (state.reply_queue if slot.token == state.token
                  else queues.open_queue(slot.reply, create=False))
@@ -1326,8 +1329,8 @@ class MQExecutor(Executor):
                 continue
             if h.kind != Kind.TASK:
                 continue
-            if bool(h.flags & Flag.TARGETED) != state.targeted:
-                theirs = "TARGETED" if h.flags & Flag.TARGETED else "PREEMPTIVE"
+            if bool(h.flags & F_TARGETED) != state.targeted:
+                theirs = "TARGETED" if h.flags & F_TARGETED else "PREEMPTIVE"
                 problem = (f"the queue of key 0x{self._key & 0xFFFFFFFF:08x} holds tasks sent "
                            f"in {theirs} mode; this executor is {state.mode.name}")
             if _producer_alive(h.pid, h.token):
@@ -1342,7 +1345,7 @@ class MQExecutor(Executor):
         # Recorded tasks no longer queued: running when their producer died, or
         # still waiting in its backlog (durable mode).
         for msg, h in journaled.values():
-            if bool(h.flags & Flag.TARGETED) != state.targeted:
+            if bool(h.flags & F_TARGETED) != state.targeted:
                 warnings.warn(f"mqexecutor: spool entry of task {h.task_id} was sent in "
                               "the other mode; left in the spool", RuntimeWarning,
                               stacklevel=4)
@@ -1387,12 +1390,12 @@ class MQExecutor(Executor):
                 if worker >= 0:
                     fut.worker_id = worker
                     state.outstanding[worker] += 1
-                ref = bytes(payload).decode("ascii", "replace") if h.flags & Flag.SPILL else None
+                ref = bytes(payload).decode("ascii", "replace") if h.flags & F_SPILL else None
                 durable = state.journal is not None
                 if state.journal is not None:
                     state.journal.move((h.token, h.task_id), (state.token, task_id), message)
                 item = _WorkItem(fut, message, mtype, worker, ref,
-                                 keep=durable or bool(h.flags & Flag.KEEP_SPILL))
+                                 keep=durable or bool(h.flags & F_KEEP_SPILL))
                 state.pending[task_id] = item
                 state.backlog.append(item)
                 self._recovered.append(fut)
@@ -1547,8 +1550,8 @@ class MQExecutor(Executor):
             fut.set_exception(exc)
             return fut
         spill_ref = body.decode("ascii") if spilled else None
-        flags = ((Flag.SPILL if spilled else 0) | (Flag.TARGETED if state.targeted else 0)
-                 | (Flag.KEEP_SPILL if keep and spilled else 0))
+        flags = ((F_SPILL if spilled else 0) | (F_TARGETED if state.targeted else 0)
+                 | (F_KEEP_SPILL if keep and spilled else 0))
         with state.lock:
             try:
                 self._check_open()

@@ -35,6 +35,7 @@ __all__ = [
     "Header", "ProtocolError", "pack_header", "unpack_header", "PREEMPTIVE_MTYPE",
     "RESULT_MTYPE", "CONTROL_MTYPE", "targeted_mtype", "task_body", "split_task_body",
     "replace_route", "build", "parse", "AuthError", "TAG_SIZE", "split_batch", "flatten",
+    "F_SPILL", "F_TARGETED", "F_BATCH", "F_AUTH", "F_KEEP_SPILL",
 ]
 
 MAGIC = b"MQ"
@@ -107,6 +108,15 @@ class Status(enum.IntEnum):
     INIT_FAILED = 4
 
 
+# Plain int copies of the flags for the hot paths (IntFlag arithmetic runs in
+# Python and costs a microsecond per operation).
+F_SPILL = int(Flag.SPILL)
+F_TARGETED = int(Flag.TARGETED)
+F_BATCH = int(Flag.BATCH)
+F_AUTH = int(Flag.AUTH)
+F_KEEP_SPILL = int(Flag.KEEP_SPILL)
+
+
 class ProtocolError(ValueError):
     """A message is not a valid mqexecutor message (bad magic, version, size...)."""
 
@@ -115,7 +125,7 @@ class AuthError(ProtocolError):
     """A message's HMAC is missing or wrong for the pool's authkey."""
 
 
-#: Bytes of the HMAC-SHA256 tag that ends a message with Flag.AUTH.
+#: Bytes of the HMAC-SHA256 tag that ends a message with F_AUTH.
 TAG_SIZE = 32
 
 
@@ -223,7 +233,7 @@ def flatten(raw: bytes) -> list[bytes]:
     """The task messages carried by ``raw``: its inner messages when it is a
     BATCH, else ``[raw]``. Malformed batches come back whole (``[raw]``), for
     the caller's own checks to refuse."""
-    if len(raw) >= HEADER_SIZE and raw[:2] == MAGIC and raw[4] & Flag.BATCH:
+    if len(raw) >= HEADER_SIZE and raw[:2] == MAGIC and raw[4] & F_BATCH:
         try:
             unpack_header(raw)
             return split_batch(memoryview(raw)[HEADER_SIZE:])
@@ -249,13 +259,13 @@ def replace_route(message: bytes, task_id: int, token: int, reply: int, pid: int
 def build(kind: int, flags: int, status: int, task_id: int, token: int, reply: int,
           pid: int, worker: int, body: bytes, authkey: bytes | None = None) -> bytes:
     """A whole message: header, body and, when ``authkey`` is given, the
-    HMAC-SHA256 tag of both (Flag.AUTH is then set)."""
+    HMAC-SHA256 tag of both (F_AUTH is then set)."""
     if authkey:
-        flags |= Flag.AUTH
+        flags |= F_AUTH
         message = pack_header(kind, flags, status, task_id, token, reply, pid, worker,
                               len(body) + TAG_SIZE) + body
         return message + hmac.digest(authkey, message, "sha256")
-    return pack_header(kind, flags & ~Flag.AUTH, status, task_id, token, reply, pid, worker,
+    return pack_header(kind, flags & ~F_AUTH, status, task_id, token, reply, pid, worker,
                        len(body)) + body
 
 
@@ -271,7 +281,7 @@ def parse(raw: bytes, authkey: bytes | None = None) -> tuple[Header, memoryview]
     """
     h = unpack_header(raw)
     view = memoryview(raw)[HEADER_SIZE:]
-    if h.flags & Flag.AUTH:
+    if h.flags & F_AUTH:
         if len(view) < TAG_SIZE:
             raise ProtocolError("message flagged AUTH is shorter than its HMAC tag")
         if authkey and not hmac.compare_digest(

@@ -38,9 +38,12 @@ import sysv_ipc
 from . import codec, deadletter, spill
 from .limits import msgmax
 from .protocol import (
+    F_BATCH,
+    F_KEEP_SPILL,
+    F_SPILL,
+    F_TARGETED,
     HEADER_SIZE,
     RESULT_MTYPE,
-    Flag,
     Kind,
     ProtocolError,
     Status,
@@ -273,7 +276,7 @@ class _Replier:
 def _result_message(status: int, task_id: int, token: int, wid: int, obj: Any,
                     inline_max: int, subdir: str, authkey: bytes | None) -> bytes:
     body, spilled = codec.dumps(obj, inline_max, subdir)
-    flags = Flag.SPILL if spilled else 0
+    flags = F_SPILL if spilled else 0
     return build(Kind.RESULT, flags, status, task_id, token, 0, os.getpid(), wid, body,
                  authkey)
 
@@ -395,7 +398,7 @@ class _Worker:
             else:
                 self.done += 1
             return
-        if len(raw) >= HEADER_SIZE and raw[:2] == b"MQ" and raw[4] & Flag.BATCH:
+        if len(raw) >= HEADER_SIZE and raw[:2] == b"MQ" and raw[4] & F_BATCH:
             self.handle_batch(raw)
             return
         self.handle_task(raw)
@@ -413,7 +416,7 @@ class _Worker:
         except ProtocolError as exc:
             self.reject(raw, f"bad batch: {exc}")
             return
-        mtype = self.cfg.worker_id + 1 if h.flags & Flag.TARGETED else 1
+        mtype = self.cfg.worker_id + 1 if h.flags & F_TARGETED else 1
         try:
             for i, message in enumerate(inner):
                 if _stop or (self.cfg.max_tasks and self.done >= self.cfg.max_tasks):
@@ -442,11 +445,11 @@ class _Worker:
             self.reject(raw, "reply key 0 (IPC_PRIVATE) names no queue: refused")
             return
         subdir = spill.producer_subdir(h.pid, h.token)
-        spilled = bool(h.flags & Flag.SPILL)
-        keep = bool(h.flags & Flag.KEEP_SPILL)
-        if bool(h.flags & Flag.TARGETED) != cfg.targeted:
+        spilled = bool(h.flags & F_SPILL)
+        keep = bool(h.flags & F_KEEP_SPILL)
+        if bool(h.flags & F_TARGETED) != cfg.targeted:
             mine = "targeted" if cfg.targeted else "preemptive"
-            theirs = "targeted" if h.flags & Flag.TARGETED else "preemptive"
+            theirs = "targeted" if h.flags & F_TARGETED else "preemptive"
             err = ValueError(f"task {h.task_id} was sent in {theirs} mode to a {mine} "
                              "pool: refused")
             self.reject(raw, str(err))
@@ -478,7 +481,7 @@ class _Worker:
             del outcome
             if not self.replier.send(h.reply, msg, h.pid, h.token):
                 m, mbody = parse(msg)
-                if m.flags & Flag.SPILL:
+                if m.flags & F_SPILL:
                     spill.discard(bytes(mbody).decode("ascii", "replace"))
         finally:
             _task_id = None
