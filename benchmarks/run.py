@@ -1,0 +1,632 @@
+#!/usr/bin/env python3
+"""Benchmark suite of mqexecutor: one command, every executor, same run.
+
+    python benchmarks/run.py              # full run (~10-15 min on 2 cores)
+    python benchmarks/run.py --quick      # smoke run, < 1 min, docs untouched
+
+Compares, with the same worker count (``--workers``, default 2), mqexecutor in
+targeted (mode 2) and preemptive (mode 3) mode, ProcessPoolExecutor, loky's
+reusable executor and multiprocessing.Pool on:
+
+  submit    no-op throughput, submit all then wait (100k tasks)
+  latency   one submit(...).result(): median and p99 over 2,000 sequential calls
+  map       map throughput with chunksize 1 and 100
+  array     a 100 MiB ndarray passed as argument and returned (s per round trip)
+  startup   constructor to first result, then shutdown of the idle pool
+  workers   throughput with 1, 2, 4, 8 workers
+  tasks     throughput and the parent's peak RSS with 1k, 10k, 100k, 1M tasks
+
+Every measurement of every executor kind runs in a fresh subprocess (child.py),
+``--repeat`` times, executor kinds interleaved; the report gives the median,
+min-max and the ratio of medians to ProcessPoolExecutor. Output: raw JSON in
+benchmarks/results/, the results section of docs/benchmarks.md (between marker
+comments) and docs/benchmarks.png.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import adapters  # noqa: E402
+import report  # noqa: E402
+
+CHILD = os.path.join(HERE, "child.py")
+
+FIGURES = ["submit", "latency", "map", "array", "startup", "workers", "tasks"]
+ALIASES = {"scaling": ["workers", "tasks"], "all": FIGURES}
+
+FULL = {
+    "submit_n": 100_000,
+    "latency_n": 2000,
+    "maps": [(1, 20_000), (100, 1_000_000)],
+    "array_mb": 100,
+    "array_rounds": 3,
+    "scale_workers": [1, 2, 4, 8],
+    "scale_workers_n": 10_000,
+    "scale_tasks": [1000, 10_000, 100_000, 1_000_000],
+    "big_n": 1_000_000,      # from this many tasks on, --big-method is used
+    "big_chunksize": 1000,
+    "repeat": 5,
+}
+QUICK = {
+    "submit_n": 5000,
+    "latency_n": 300,
+    "maps": [(1, 2000), (100, 100_000)],
+    "array_mb": 10,
+    "array_rounds": 1,
+    "scale_workers": [1, 2, 4, 8],
+    "scale_workers_n": 2000,
+    "scale_tasks": [1000, 5000, 100_000],
+    "big_n": 100_000,
+    "big_chunksize": 1000,
+    "repeat": 1,
+}
+
+
+# -- specs -------------------------------------------------------------------------
+def throughput_spec(cfg: dict, workers: int, n: int, big_method: str) -> dict:
+    if n >= cfg["big_n"] and big_method == "map":
+        return {"measure": "throughput", "workers": workers, "n": n, "method": "map",
+                "chunksize": cfg["big_chunksize"]}
+    return {"measure": "throughput", "workers": workers, "n": n, "method": "submit"}
+
+
+def figure_specs(fig: str, cfg: dict, workers: int, big_method: str) -> list[dict]:
+    if fig == "submit":
+        return [throughput_spec(cfg, workers, cfg["submit_n"], "submit")]
+    if fig == "latency":
+        return [{"measure": "latency", "workers": workers, "n": cfg["latency_n"]}]
+    if fig == "map":
+        return [{"measure": "map", "workers": workers, "maps": cfg["maps"]}]
+    if fig == "array":
+        return [{"measure": "array", "workers": workers, "mb": cfg["array_mb"],
+                 "rounds": cfg["array_rounds"]}]
+    if fig == "startup":
+        return [{"measure": "startup", "workers": workers}]
+    if fig == "workers":
+        return [throughput_spec(cfg, w, cfg["scale_workers_n"], big_method)
+                for w in cfg["scale_workers"]]
+    if fig == "tasks":
+        return [throughput_spec(cfg, workers, n, big_method) for n in cfg["scale_tasks"]]
+    raise ValueError(fig)
+
+
+def spec_key(spec: dict) -> str:
+    return json.dumps({k: v for k, v in spec.items() if k != "ids_file"}, sort_keys=True)
+
+
+def default_timeout(spec: dict) -> float:
+    """Seconds a child may take before it is killed (generous: ~5x expected)."""
+    m = spec["measure"]
+    if m == "throughput":
+        per = 20_000 if spec.get("method") == "map" else 2000
+        return 60 + spec["n"] / per + 5 * spec["workers"]
+    if m == "latency":
+        return 60 + spec["n"] * 0.005
+    if m == "map":
+        return 60 + sum(n / (2000 if cs == 1 else 50_000) for cs, n in spec["maps"])
+    if m == "array":
+        return 60 + spec["rounds"] * spec["mb"] * 0.1
+    return 60
+
+
+# -- SysV queues and spill files ------------------------------------------------------
+def sysv_queues() -> dict[int, dict]:
+    """Message queues of the system: msqid -> {key, uid, qnum, lspid, lrpid}."""
+    out: dict[int, dict] = {}
+    try:
+        with open("/proc/sysvipc/msg") as f:
+            header = f.readline().split()
+            for line in f:
+                row = dict(zip(header, line.split()))
+                out[int(row["msqid"])] = {k: row.get(k) for k in
+                                          ("key", "uid", "qnum", "lspid", "lrpid")}
+    except OSError:
+        pass
+    return out
+
+
+def ipcs_q() -> str:
+    try:
+        return subprocess.run(["ipcs", "-q"], capture_output=True, text=True,
+                              timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def spill_roots() -> list[str]:
+    """Where mqexecutor writes spill files (mirrors mqexecutor.spill.spill_roots,
+    without importing the library in this process)."""
+    override = os.environ.get("MQEXECUTOR_SPILL_DIR")
+    if override:
+        return [os.path.abspath(override)]
+    name = f"mqexecutor-{os.getuid()}"
+    return [os.path.join("/dev/shm", name), os.path.join(tempfile.gettempdir(), name)]
+
+
+def spill_leftovers(pid: int) -> list[str]:
+    """Spill sub-directories a producer of process ``pid`` left behind."""
+    found = []
+    for root in spill_roots():
+        try:
+            names = os.listdir(root)
+        except OSError:
+            continue
+        found += [os.path.join(root, n) for n in names if n.startswith(f"p-{pid}-")]
+    return found
+
+
+def remove_queue(qid: int) -> bool:
+    try:
+        import sysv_ipc
+        sysv_ipc.remove_message_queue(qid)
+        return True
+    except ImportError:
+        return subprocess.run(["ipcrm", "-q", str(qid)], capture_output=True).returncode == 0
+    except Exception:  # noqa: BLE001 - already gone
+        return False
+
+
+# -- the library under test ---------------------------------------------------------------
+def snapshot_library(ref: str | None, log) -> tuple[str, dict]:
+    """Copy mqexecutor/ (the working tree, or git ``ref``) into a temporary
+    directory that goes first on the children's PYTHONPATH, so that one run
+    measures one version even while the library is being edited.
+
+    Returns (directory, description). Retries a working tree that does not
+    import (someone is in the middle of an edit) for up to a minute."""
+    import shutil
+    tmp = tempfile.mkdtemp(prefix="mqbench-lib-")
+    src = os.path.join(ROOT, "mqexecutor")
+    for attempt in range(20):
+        dst = os.path.join(tmp, "mqexecutor")
+        shutil.rmtree(dst, ignore_errors=True)
+        if ref:
+            archive = subprocess.run(["git", "-C", ROOT, "archive", ref, "mqexecutor"],
+                                     capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        else:
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        check = subprocess.run(
+            [sys.executable, "-c", "import mqexecutor, sys; sys.stdout.write(mqexecutor.__file__)"],
+            env=dict(os.environ, PYTHONPATH=tmp), capture_output=True, text=True, cwd=tmp)
+        if check.returncode == 0 and check.stdout.startswith(tmp):
+            break
+        if ref:
+            raise SystemExit(f"mqexecutor at git {ref} does not import:\n{check.stderr}")
+        log(f"note: the working tree's mqexecutor does not import yet (attempt {attempt + 1}),"
+            f" retrying in 3 s: {check.stderr.strip().splitlines()[-1:]}")
+        time.sleep(3)
+    else:
+        raise SystemExit("the working tree's mqexecutor does not import; "
+                         "try --git-ref HEAD or --no-snapshot")
+    desc = {"snapshot": f"git {ref}" if ref else "working tree, copied at the start of the run",
+            "snapshot_sources_sha256": sources_hash(os.path.join(tmp, "mqexecutor"))}
+    if ref:
+        desc["snapshot_commit"] = subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "--short", ref], capture_output=True,
+            text=True).stdout.strip()
+    return tmp, desc
+
+
+# -- running one child -----------------------------------------------------------------
+CHILD_ENV: dict | None = None  # environment of the children (PYTHONPATH of the snapshot)
+
+
+def run_child(spec: dict, timeout: float, log) -> dict:
+    """Run one measurement in a fresh process; never raises for the child's faults.
+
+    Returns {"spec", "status": ok|error|timeout|crash, "result"?, "error"?,
+    "leaks"?, "wall_s"}."""
+    fd, ids_file = tempfile.mkstemp(prefix="mqbench-ids-", suffix=".json")
+    os.close(fd)
+    spec = dict(spec, ids_file=ids_file, task_timeout=max(5.0, timeout - 15))
+    load = _read("/proc/loadavg").split()[:1]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, CHILD, json.dumps(spec)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=CHILD_ENV)
+    status = None
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        status = "timeout"
+        try:
+            os.kill(proc.pid, signal.SIGUSR1)  # faulthandler: stacks to stderr
+            time.sleep(1.0)
+        except ProcessLookupError:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the child and its workers
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    rec: dict = {"spec": {k: v for k, v in spec.items()
+                          if k not in ("ids_file", "task_timeout")},
+                 "wall_s": wall, "pid": proc.pid, "returncode": proc.returncode,
+                 "loadavg_1min_before": float(load[0]) if load else None}
+    result = error = None
+    for line in out.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            result = json.loads(line[len("BENCH_RESULT "):])
+        elif line.startswith("BENCH_ERROR "):
+            error = json.loads(line[len("BENCH_ERROR "):])
+    if status is None:
+        status = "ok" if result is not None and proc.returncode == 0 else (
+            "error" if error is not None else "crash")
+    rec["status"] = status
+    if result is not None:
+        rec["result"] = result
+    if error is not None:
+        rec["error"] = error
+    if status != "ok":
+        rec["stderr"] = err[-6000:]
+    # Leaks: the queues this child's pool created must be gone, and its spill dir.
+    leaks: dict = {}
+    try:
+        with open(ids_file) as f:
+            ids = json.load(f)
+    except (OSError, ValueError):
+        ids = []
+    finally:
+        try:
+            os.unlink(ids_file)
+        except OSError:
+            pass
+    alive = [q for q in ids if q in sysv_queues()]
+    if alive:
+        leaks["queues"] = alive
+        leaks["queues_removed_by_run_py"] = [q for q in alive if remove_queue(q)]
+    spills = spill_leftovers(proc.pid)
+    if spills:
+        import shutil
+        leaks["spill_dirs"] = spills
+        for d in spills:  # this child's own producer directories only
+            shutil.rmtree(d, ignore_errors=True)
+        leaks["spill_dirs_removed_by_run_py"] = [d for d in spills if not os.path.exists(d)]
+    if leaks:
+        rec["leaks"] = leaks
+        if status == "ok":
+            log(f"    WARNING: the pool leaked after a clean exit: {leaks}")
+    return rec
+
+
+# -- statistics ----------------------------------------------------------------------------
+def summarize(values: list[float]) -> dict:
+    v = sorted(values)
+    out = {"n": len(v), "values": values, "median": statistics.median(v),
+           "min": v[0], "max": v[-1]}
+    if len(v) >= 2:
+        q = statistics.quantiles(v, n=4, method="inclusive")
+        out["q1"], out["q3"] = q[0], q[2]
+    else:
+        out["q1"] = out["q3"] = v[0]
+    return out
+
+
+def build_summary(runs: list[dict]) -> dict:
+    """{spec_key: {kind: {field: stats}}} over the ok runs."""
+    acc: dict = {}
+    for rec in runs:
+        if rec["status"] != "ok":
+            continue
+        spec = dict(rec["spec"])
+        kind = spec.pop("kind")
+        spec.pop("repeat", None)
+        key = spec_key(spec)
+        fields = acc.setdefault(key, {}).setdefault(kind, {})
+        for name, value in rec["result"].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                fields.setdefault(name, []).append(float(value))
+    return {key: {kind: {f: summarize(vals) for f, vals in fields.items()}
+                  for kind, fields in kinds.items()} for key, kinds in acc.items()}
+
+
+# -- machine ----------------------------------------------------------------------------------
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def sources_hash(pkg: str) -> str:
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(pkg)) if os.path.isdir(pkg) else []:
+        if name.endswith(".py"):
+            h.update(name.encode())
+            with open(os.path.join(pkg, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def library_fingerprint() -> dict:
+    """git HEAD of the repository and a hash of mqexecutor/*.py as they are now
+    in the working tree (the library may be edited while the benchmark runs)."""
+    fp = {"mqexecutor_sources_sha256": sources_hash(os.path.join(ROOT, "mqexecutor"))}
+    try:
+        fp["git_head"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                                        capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "mqexecutor"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        fp["mqexecutor_uncommitted_changes"] = bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return fp
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = None
+    mem = None
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            mem = round(int(line.split()[1]) / 1024 / 1024, 1)
+    from importlib import metadata
+    versions = {}
+    for pkg in ("mqexecutor", "sysv_ipc", "cloudpickle", "loky", "numpy", "matplotlib",
+                "psutil"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    import multiprocessing
+    return {
+        "cpu_model": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+        "memory_gib": mem, "kernel": platform.release(), "os": platform.platform(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "packages": versions, "default_start_method": multiprocessing.get_start_method(),
+        "msgmax": _read("/proc/sys/kernel/msgmax").strip(),
+        "msgmnb": _read("/proc/sys/kernel/msgmnb").strip(),
+        "msgmni": _read("/proc/sys/kernel/msgmni").strip(),
+        "loadavg_start": _read("/proc/loadavg").split()[:3],
+    }
+
+
+# -- main ----------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="Benchmark mqexecutor against ProcessPoolExecutor, loky and "
+                    "multiprocessing.Pool (see docs/benchmarks.md).")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke mode: small sizes, 1 repeat, < 1 minute; writes its "
+                         "report into benchmarks/results/ unless --doc is given")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="fresh-process repetitions per figure and executor "
+                         "(default 5, --quick 1)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="worker processes of every pool (default 2)")
+    ap.add_argument("--only", nargs="+", metavar="FIGURE", default=None,
+                    help="figures to run: " + ", ".join(FIGURES)
+                         + " (also: scaling = workers tasks); default all")
+    ap.add_argument("--kinds", nargs="+", default=list(adapters.KINDS),
+                    choices=list(adapters.KINDS), help="executors to compare (default all)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"),
+                    help="directory of the raw JSON (default benchmarks/results)")
+    ap.add_argument("--doc", default=None,
+                    help="markdown file whose results section is regenerated (default "
+                         "docs/benchmarks.md for a complete full run; --quick or --only/"
+                         "--kinds: <out>/quick.md or <out>/partial.md)")
+    ap.add_argument("--plot", default=None,
+                    help="PNG plot (default docs/benchmarks.png, or <out>/quick.png, "
+                         "<out>/partial.png as --doc)")
+    ap.add_argument("--no-doc", action="store_true", help="write the JSON only")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds before a child is killed (default: from its size)")
+    ap.add_argument("--big-method", choices=["map", "submit"], default="map",
+                    help="how the largest task count (1M) is run: map(chunksize=1000) "
+                         "(default) or submit of every task")
+    ap.add_argument("--git-ref", default=None,
+                    help="benchmark mqexecutor as committed at this git ref (e.g. HEAD) "
+                         "instead of the working tree")
+    ap.add_argument("--no-snapshot", action="store_true",
+                    help="import mqexecutor live from wherever it is installed, instead of "
+                         "a copy of mqexecutor/ taken at the start of the run")
+    ap.add_argument("--report", metavar="JSON", default=None,
+                    help="do not measure: regenerate the doc and plot from a saved JSON")
+    args = ap.parse_args(argv)
+    figs: list[str] = []
+    for name in args.only or FIGURES:
+        for f in ALIASES.get(name, [name]):
+            if f not in FIGURES:
+                ap.error(f"unknown figure {name!r}; choose from {', '.join(FIGURES)}, scaling")
+            if f not in figs:
+                figs.append(f)
+    args.figures = figs
+    if args.workers < 1:
+        ap.error("--workers must be >= 1")
+    if adapters.BASELINE not in args.kinds:
+        print(f"note: {adapters.BASELINE} not selected: no ratios", file=sys.stderr)
+    return args
+
+
+def write_outputs(data: dict, args: argparse.Namespace) -> None:
+    """The report goes to docs/ only for a complete full run (every figure, every
+    executor); a --quick or partial run writes <out>/quick.* or <out>/partial.*
+    unless --doc/--plot say otherwise."""
+    if args.no_doc:
+        return
+    cfg = data["config"]
+    complete = cfg["figures"] == FIGURES and cfg["kinds"] == list(adapters.KINDS)
+    where = "quick" if cfg.get("quick") else (None if complete else "partial")
+    doc = args.doc or (os.path.join(args.out, where + ".md") if where
+                       else os.path.join(ROOT, "docs", "benchmarks.md"))
+    png = args.plot or (os.path.join(args.out, where + ".png") if where
+                        else os.path.join(ROOT, "docs", "benchmarks.png"))
+    plot_ok = report.write_plot(data, png)
+    report.write_doc(data, doc, png if plot_ok else None)
+    print(f"wrote {doc}" + (f" and {png}" if plot_ok else " (no plot: matplotlib missing?)"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            data = json.load(f)
+        write_outputs(data, args)
+        return 0
+    cfg = dict(QUICK if args.quick else FULL)
+    repeat = args.repeat or cfg["repeat"]
+    cfg["repeat"] = repeat
+    os.makedirs(args.out, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    global CHILD_ENV
+    started = time.time()
+    meta = machine_info()
+    meta["library_at_start"] = library_fingerprint()
+    snap_dir = None
+    if not args.no_snapshot and any(k.startswith("mq") for k in args.kinds):
+        snap_dir, desc = snapshot_library(args.git_ref, log)
+        meta["library_at_start"].update(desc)
+        pp = os.environ.get("PYTHONPATH")
+        CHILD_ENV = dict(os.environ, PYTHONPATH=snap_dir + (os.pathsep + pp if pp else ""))
+    else:
+        meta["library_at_start"]["snapshot"] = "none: the installed (live) mqexecutor"
+    queues_before = sysv_queues()
+    ipcs_before = ipcs_q()
+    log(f"mqexecutor benchmarks: {meta['cpu_model']}, {meta['usable_cpus']} cpus, "
+        f"Python {meta['python']}, workers={args.workers}, repeat={repeat}, "
+        f"figures={' '.join(args.figures)}")
+    if queues_before:
+        log(f"note: {len(queues_before)} SysV message queue(s) exist before the run "
+            f"(ipcs -q); they are not ours and are left alone")
+
+    runs: list[dict] = []
+    cache: dict[str, dict] = {}
+    kinds = list(args.kinds)
+    plan = {fig: figure_specs(fig, cfg, args.workers, args.big_method) for fig in args.figures}
+    for fig, specs in plan.items():
+        log(f"[{fig}]")
+        for spec in specs:
+            for rep in range(repeat):
+                # Rotate the order of executor kinds from one repetition to the next.
+                order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+                for kind in order:
+                    full = dict(spec, kind=kind, repeat=rep)
+                    key = spec_key(full)
+                    if key in cache:
+                        continue
+                    timeout = args.timeout or default_timeout(full)
+                    rec = run_child(full, timeout, log)
+                    cache[key] = rec
+                    runs.append(rec)
+                    res = rec.get("result", {})
+                    brief = ", ".join(f"{k}={report.short(v)}" for k, v in res.items()
+                                      if isinstance(v, (int, float)) and k not in ("wall_s",))
+                    params = {k: v for k, v in spec.items() if k not in ("measure",)}
+                    log(f"  {kind:<14} rep {rep + 1}/{repeat} {json.dumps(params)}: "
+                        f"{rec['status']} ({rec['wall_s']:.1f}s) {brief}")
+                    if rec["status"] != "ok":
+                        err = rec.get("error", {}).get("error") or rec.get("stderr", "")[-800:]
+                        log(f"    {rec['status'].upper()}: {err}")
+                        if rec.get("error", {}).get("diagnostics"):
+                            log(f"    diagnostics: {rec['error']['diagnostics']}")
+
+    # Leak check of the whole run: queues now present that were not there before.
+    queues_after = sysv_queues()
+    new = {q: v for q, v in queues_after.items() if q not in queues_before}
+    leaked_ours = sorted({q for r in runs for q in r.get("leaks", {}).get("queues", [])})
+    warnings = []
+    if leaked_ours:
+        warnings.append(f"pools left {len(leaked_ours)} SysV queue(s) behind "
+                        f"(msqid {leaked_ours}); run.py removed them")
+    if new:
+        warnings.append(f"{len(new)} SysV queue(s) appeared during the run that no "
+                        f"benchmark child reported (another process on this machine?): "
+                        f"{sorted(new)}")
+    spills = [d for r in runs for d in r.get("leaks", {}).get("spill_dirs", [])]
+    if spills:
+        warnings.append(f"spill directories left behind (run.py removed them): {spills}")
+    failed = [r for r in runs if r["status"] != "ok"]
+    if failed:
+        warnings.append(f"{len(failed)} measurement(s) failed: " + "; ".join(
+            f"{r['spec']['kind']} {r['spec']['measure']} rep {r['spec'].get('repeat')}: "
+            f"{r['status']}" for r in failed))
+    meta["library_at_end"] = library_fingerprint()
+    if (meta["library_at_end"].get("mqexecutor_sources_sha256")
+            != meta["library_at_start"].get("mqexecutor_sources_sha256")):
+        if snap_dir:
+            meta["library_at_end"]["note"] = ("the working tree changed during the run; "
+                                              "the run used its snapshot")
+        else:
+            warnings.append("mqexecutor's sources changed during the run: results mix versions")
+    if snap_dir:
+        import shutil
+        shutil.rmtree(snap_dir, ignore_errors=True)
+    meta["loadavg_end"] = _read("/proc/loadavg").split()[:3]
+    loads = [r["loadavg_1min_before"] for r in runs if r.get("loadavg_1min_before") is not None]
+    if loads:
+        meta["loadavg_1min_during"] = {"median": statistics.median(loads), "max": max(loads)}
+        cpus = meta.get("usable_cpus") or os.cpu_count() or 1
+        # The benchmark itself keeps about workers + 1 processes busy.
+        if statistics.median(loads) > cpus + 1:
+            warnings.append(
+                f"the machine was busy: median 1-min load average {statistics.median(loads):.1f}"
+                f" (max {max(loads):.1f}) on {cpus} CPUs while measuring; other processes "
+                f"competed with the pools, figures are noisier than usual")
+    meta["ipcs_q_before"] = ipcs_before
+    meta["ipcs_q_after"] = ipcs_q()
+    duration = time.time() - started
+
+    data = {
+        "format": 1,
+        "started": _dt.datetime.fromtimestamp(started).astimezone().isoformat(timespec="seconds"),
+        "duration_s": duration,
+        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)]
+                            + (sys.argv[1:] if argv is None else argv)),
+        "config": dict(cfg, quick=args.quick, workers=args.workers, kinds=kinds,
+                       figures=args.figures, big_method=args.big_method),
+        "machine": meta,
+        "plan": {fig: [spec_key(s) for s in specs] for fig, specs in plan.items()},
+        "runs": runs,
+        "summary": build_summary(runs),
+        "warnings": warnings,
+    }
+    stamp = _dt.datetime.fromtimestamp(started).strftime("%Y%m%d-%H%M%S")
+    complete = args.figures == FIGURES and kinds == list(adapters.KINDS)
+    prefix = "quick-" if args.quick else ("" if complete else "partial-")
+    path = os.path.join(args.out, prefix + stamp + ".json")
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=repr)
+    # latest.json: the last complete full run (what docs/benchmarks.md shows).
+    with open(os.path.join(args.out, prefix + "latest.json"), "w") as f:
+        json.dump(data, f, indent=1, default=repr)
+    log(f"wrote {path} ({duration:.0f} s)")
+    print()
+    print(report.text_table(data))
+    for w in warnings:
+        log(f"WARNING: {w}")
+    write_outputs(data, args)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
