@@ -167,30 +167,28 @@ def cmd_stat(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_purge(args: argparse.Namespace) -> int:
+def _drop(args: argparse.Namespace, action, what: str) -> tuple[ipcinfo.QueueInfo, int, int]:
+    """Check the queue is ours (or --force), then run ``action(key)``."""
     info = _info(args.key)
     if not args.force and not _ours(args.key, _peek(info)):
         raise CLIError(f"the queue of key {_hex(args.key)} is not one of mqexecutor's "
                        "(use --force)", EXIT_NOT_OURS)
     try:
-        messages, files = persistence.purge_queue(args.key)
+        messages, files = action(args.key)
     except sysv_ipc.PermissionsError:
-        raise CLIError(f"permission denied on the queue of key {_hex(args.key)}",
+        raise CLIError(f"permission denied {what} the queue of key {_hex(args.key)}",
                        EXIT_PERMISSION) from None
+    return info, messages, files
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    _, messages, files = _drop(args, persistence.purge_queue, "purging")
     print(f"purged {messages} message(s) and {files} spill file(s) from {_hex(args.key)}")
     return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    info = _info(args.key)
-    if not args.force and not _ours(args.key, _peek(info)):
-        raise CLIError(f"the queue of key {_hex(args.key)} is not one of mqexecutor's "
-                       "(use --force)", EXIT_NOT_OURS)
-    try:
-        messages, files = persistence.remove_queue(args.key)
-    except sysv_ipc.PermissionsError:
-        raise CLIError(f"permission denied removing the queue of key {_hex(args.key)}",
-                       EXIT_PERMISSION) from None
+    info, messages, files = _drop(args, persistence.remove_queue, "removing")
     print(f"removed queue {_hex(args.key)} (msqid {info.msqid}) with {messages} "
           f"message(s) and {files} spill file(s)")
     return 0

@@ -590,14 +590,7 @@ class _PoolState:
                             if h.flags & F_SPILL:
                                 spill.discard(_spill_reference(raw))
         for raw, mtype in foreign:
-            for _ in range(200):
-                try:
-                    queue.send(raw, block=False, type=mtype)
-                    break
-                except sysv_ipc.BusyError:
-                    time.sleep(0.005)
-                except sysv_ipc.Error:
-                    break
+            _send_back(queue, raw, mtype)
 
     def cancel_backlog(self) -> None:
         with self.lock:
@@ -1073,6 +1066,7 @@ def _check_no_live_owner(key: int, mode: Mode) -> None:
 
 
 def _send_back(queue: sysv_ipc.MessageQueue, raw: bytes, mtype: int) -> None:
+    """Put a message taken from ``queue`` back (up to ~2 s of a full queue)."""
     for _ in range(400):
         try:
             queue.send(raw, block=False, type=mtype)

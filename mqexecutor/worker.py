@@ -35,7 +35,7 @@ from typing import Any
 
 import sysv_ipc
 
-from . import codec, deadletter, spill
+from . import codec, deadletter, persistence, spill
 from .limits import msgmax
 from .protocol import (
     F_BATCH,
@@ -175,15 +175,8 @@ def _format_exc(exc: BaseException) -> str:
 
 
 def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether producer ``pid`` lives; an unknown pid (<= 0) counts as alive."""
+    return pid <= 0 or persistence.pid_alive(pid)
 
 
 class _Replier:
