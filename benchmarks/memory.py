@@ -171,6 +171,7 @@ def c_pending(spec: dict) -> dict:
 
 def c_durable(spec: dict) -> dict:
     import workload
+
     from mqexecutor import MQExecutor, persistence
     key = _free_key()
     n, lat_n = spec["n"], spec["lat"]
@@ -244,10 +245,10 @@ def main(argv=None) -> int:
 
     if "map" in only:
         n, b = args.n, args.buffersize
-        configs = [("MQExecutor.map(buffersize=%d)" % b,
+        configs = [(f"MQExecutor.map(buffersize={b})",
                     {"what": "map", "kind": "mq", "n": n, "buffersize": b})]
         if sys.version_info >= (3, 14):
-            configs.append(("ProcessPoolExecutor.map(buffersize=%d)" % b,
+            configs.append((f"ProcessPoolExecutor.map(buffersize={b})",
                             {"what": "map", "kind": "ppe", "n": n, "buffersize": b}))
         configs += [("ProcessPoolExecutor.map(chunksize=1), eager",
                      {"what": "map", "kind": "ppe", "n": n, "chunksize": 1}),

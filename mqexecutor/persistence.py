@@ -87,7 +87,8 @@ def producer_metas() -> list[tuple[str, QueueMeta]]:
 
 
 def pid_alive(pid: int) -> bool:
-    """True when a process ``pid`` exists (or cannot be signalled by us)."""
+    """True when a process ``pid`` runs (or cannot be signalled by us). A zombie
+    (exited, not yet reaped by its parent) counts as dead."""
     if pid <= 0:
         return False
     try:
@@ -96,7 +97,12 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def collect_garbage() -> list[str]:
@@ -131,6 +137,7 @@ def collect_garbage() -> list[str]:
             if pid_alive(pid):
                 continue
             meta = read_meta(name) if root == spill.spill_roots()[0] else None
+            in_use = False
             if meta is not None:
                 keys = [meta.reply_key] + ([meta.key] if meta.private else [])
                 for key in keys:
@@ -141,13 +148,16 @@ def collect_garbage() -> list[str]:
                         continue
                     if pid_alive(info.lspid) and info.lspid != pid or (
                             pid_alive(info.lrpid) and info.lrpid != pid):
-                        continue  # someone still uses it
+                        in_use = True  # someone still uses it: try again later
+                        continue
                     try:
                         sysv_ipc.MessageQueue(key, 0).remove()
                         removed.append(f"queue 0x{key & 0xFFFFFFFF:08x} "
                                        f"(msqid {info.msqid}) of dead pid {pid}")
                     except sysv_ipc.Error:
                         pass
+            if in_use:
+                continue  # keep meta.json, so a later gc still finds the queue
             spill.remove_subdir(name)
             removed.append(f"spill directory {os.path.join(root, name)}")
     return removed

@@ -256,14 +256,21 @@ class _Replier:
         return False
 
     def _bury(self, key: int, producer_pid: int, token: int) -> None:
+        """Remove the reply queue and spill directory of a producer that died,
+        only when its own metadata names that reply key: a forged header
+        naming a dead pid must not destroy a live producer's queue."""
         self._queues.pop(key, None)
-        if key != 0:
-            try:
-                sysv_ipc.MessageQueue(key, 0).remove()
-            except sysv_ipc.Error:
-                pass
-        if token:
-            spill.remove_subdir(spill.producer_subdir(producer_pid, token))
+        if not token or key == 0:
+            return
+        subdir = spill.producer_subdir(producer_pid, token)
+        meta = persistence.read_meta(subdir)
+        if meta is None or meta.reply_key != key or meta.owner_pid != producer_pid:
+            return
+        try:
+            sysv_ipc.MessageQueue(key, 0).remove()
+        except sysv_ipc.Error:
+            pass
+        spill.remove_subdir(subdir)
 
 
 def _result_message(status: int, task_id: int, token: int, wid: int, obj: Any,

@@ -1,0 +1,521 @@
+"""Reliability: workers that die, retries, load, many producers, leftovers.
+
+Complements tests/test_failures.py (os._exit and SIGKILL of a worker mid-task,
+targeted tasks queued for a dead worker): here a worker dies of a segfault
+(ctypes.string_at(0), faulthandler._sigsegv()) and of a simulated OOM kill,
+faulthandler leaves a traceback naming the task function on the worker's
+stderr, ``retries=`` re-runs a task whose worker died, 100k tasks go through
+``map(buffersize=...)``, 16 producer processes share one pool, and
+``mqexecutor gc`` reclaims what a SIGKILLed private executor left behind.
+"""
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+
+from mqexecutor import Mode, TerminatedWorkerError, ipcinfo, persistence, spill
+
+from .helpers import (
+    Gate,
+    identity,
+    no_core,
+    pool,
+    run_script,
+    square,
+    unused_key,
+    wait_until,
+    where,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------
+# Task functions
+# --------------------------------------------------------------------------
+
+def segfault_string_at():
+    """Dereference NULL through ctypes: SIGSEGV in C code."""
+    no_core()
+    ctypes.string_at(0)
+
+
+def segfault_faulthandler():
+    """faulthandler's own crash helper: SIGSEGV."""
+    no_core()
+    faulthandler._sigsegv()
+
+
+def oom_killed(mib=200):
+    """Simulates the OOM killer: allocate and touch ``mib`` MiB, then SIGKILL
+    ourselves -- what the kernel's OOM killer does to the process with the
+    largest badness, without pushing this machine into real memory pressure.
+    (A task that lowers RLIMIT_AS and allocates gets a MemoryError instead and
+    its worker survives: see test_memory_limit_is_an_ordinary_exception.)"""
+    no_core()
+    block = bytearray(mib << 20)
+    block[::4096] = b"\x01" * len(block[::4096])
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)
+
+
+def allocate_under_rlimit(limit_mib=256, alloc_mib=1024):
+    """Lower RLIMIT_AS, allocate more than that (MemoryError), restore."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (limit_mib << 20, hard))
+    try:
+        block = bytearray(alloc_mib << 20)
+        return len(block)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def run_count(directory, name):
+    """Record one more run of ``name`` (a marker file per run); return the count."""
+    n = 1
+    while True:
+        try:
+            fd = os.open(os.path.join(directory, f"{name}.{n}"),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            return n
+        except FileExistsError:
+            n += 1
+
+
+def die_first(directory, name, deaths, value=None):
+    """Die by SIGKILL on the first ``deaths`` runs, then return (value, runs)."""
+    n = run_count(directory, name)
+    if n <= deaths:
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(10)
+    return value, n
+
+
+def runs(directory, name):
+    return len([f for f in os.listdir(directory) if f.startswith(name + ".")])
+
+
+# --------------------------------------------------------------------------
+# Worker death: segfault and OOM
+# --------------------------------------------------------------------------
+
+CRASHES = [
+    (segfault_string_at, signal.SIGSEGV),
+    (segfault_faulthandler, signal.SIGSEGV),
+    (oom_killed, signal.SIGKILL),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", [Mode.PREEMPTIVE, Mode.TARGETED])
+@pytest.mark.parametrize("crash, signum", CRASHES, ids=["string_at", "sigsegv", "oom"])
+def test_worker_crash_fails_only_its_task(mode, crash, signum):
+    with pool(max_workers=2, mode=mode) as ex:
+        ids = {wid: pid for wid, pid in (f.result(timeout=20) for f in (
+            [ex.submit_to(w, where) for w in range(2)] if mode == Mode.TARGETED
+            else []))}
+        before = set(ex._processes)
+        others = [ex.submit(square, i) for i in range(6)]
+        f = ex.submit_to(0, crash) if mode == Mode.TARGETED else ex.submit(crash)
+        # targeted: tasks queued behind the crash for the same worker id
+        queued = [ex.submit_to(0, where) for _ in range(4)] if mode == Mode.TARGETED else []
+        with pytest.raises(TerminatedWorkerError) as info:
+            f.result(timeout=30)
+        err = info.value
+        assert isinstance(err, BrokenProcessPool)
+        assert err.exitcode == -signum
+        assert err.pid in before and err.task_id == f.task_id
+        assert err.fn_name.endswith(crash.__name__)
+        msg = str(err)
+        for part in (f"worker {err.worker_id}", f"pid {err.pid}", signal.Signals(signum).name,
+                     f"task {f.task_id}", crash.__name__):
+            assert part in msg, (part, msg)
+        if mode == Mode.TARGETED:
+            assert err.worker_id == 0 and err.pid == ids[0]
+            results = [q.result(timeout=20) for q in queued]
+            assert {wid for wid, _ in results} == {0}
+            assert all(pid != err.pid for _, pid in results)
+        # only that Future failed; the pool keeps serving
+        assert [o.result(timeout=20) for o in others] == [i * i for i in range(6)]
+        assert list(ex.map(square, range(20))) == [i * i for i in range(20)]
+        # replaced under the same id: two live workers, the dead pid gone
+        assert wait_until(lambda: len(ex._processes) == 2 and err.pid not in ex._processes
+                          and all(p.is_alive() for p in ex._processes.values()))
+        if mode == Mode.TARGETED:
+            assert ex.submit_to(0, where).result(timeout=20)[0] == 0
+            assert ex.submit_to(1, where).result(timeout=20) == (1, ids[1])
+
+
+@pytest.mark.timeout(60)
+def test_memory_limit_is_an_ordinary_exception():
+    """Unlike the OOM killer, an address-space limit (RLIMIT_AS) makes the
+    allocation raise MemoryError: the task fails with it, the worker lives."""
+    with pool(max_workers=1) as ex:
+        pid = ex.submit(os.getpid).result(timeout=20)
+        with pytest.raises(MemoryError):
+            ex.submit(allocate_under_rlimit).result(timeout=30)
+        assert ex.submit(os.getpid).result(timeout=20) == pid
+
+
+FAULT_SCRIPT = """
+import sys
+from mqexecutor import MQExecutor, TerminatedWorkerError
+from tests.helpers import no_core
+
+
+def crash_in_task_fn():
+    no_core()
+    import ctypes
+    ctypes.string_at(0)
+
+
+if __name__ == "__main__":
+    with MQExecutor(max_workers=1) as ex:
+        try:
+            ex.submit(crash_in_task_fn).result(timeout=30)
+        except TerminatedWorkerError as exc:
+            print("TERMINATED", exc, flush=True)
+        print("AFTER", ex.submit(sum, [1, 2, 3]).result(timeout=30), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_faulthandler_traceback_names_the_task_function(tmp_path):
+    """Workers start with faulthandler enabled: a segfault leaves "Fatal Python
+    error: Segmentation fault" and the Python stack, with the task function,
+    on the worker's stderr (the executor's own stderr)."""
+    r = run_script(FAULT_SCRIPT, tmp_path, env={"PYTHONPATH": REPO}, timeout=50)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^TERMINATED task worker 0 \(pid \d+\) died with signal SIGSEGV "
+                     r"while running task 1 \(__main__\.crash_in_task_fn\)$", r.stdout, re.M), \
+        r.stdout
+    assert "AFTER 6" in r.stdout
+    assert "Fatal Python error: Segmentation fault" in r.stderr, r.stderr
+    assert re.search(r'File ".*script_main\.py", line \d+ in crash_in_task_fn', r.stderr), \
+        r.stderr
+    assert re.search(r'File ".*ctypes.*", line \d+ in string_at', r.stderr), r.stderr
+
+
+# --------------------------------------------------------------------------
+# retries=
+# --------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_executor_wide_retries(tmp_path):
+    d = str(tmp_path)
+    with pool(max_workers=2, retries=2) as ex:
+        # dies twice, then succeeds on its third run
+        assert ex.submit(die_first, d, "twice", 2, "ok").result(timeout=30) == ("ok", 3)
+        # dies every time: 1 run + 2 retries, then the Future fails
+        f = ex.submit(die_first, d, "always", 99)
+        with pytest.raises(TerminatedWorkerError) as info:
+            f.result(timeout=30)
+        assert runs(d, "always") == 3
+        assert "SIGKILL" in str(info.value) and "(attempt 3)" in str(info.value)
+        # tasks that do not die run once
+        assert ex.submit(die_first, d, "never", 0, 1).result(timeout=20) == (1, 1)
+        # with_options(retries=0) overrides the executor's value
+        with pytest.raises(TerminatedWorkerError):
+            ex.with_options(retries=0).submit(die_first, d, "no-retry", 99).result(timeout=30)
+        assert runs(d, "no-retry") == 1
+        assert ex.submit(square, 7).result(timeout=20) == 49
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", [Mode.PREEMPTIVE, Mode.TARGETED])
+def test_per_task_retries(tmp_path, mode):
+    d = str(tmp_path)
+    with pool(max_workers=2, mode=mode) as ex:  # retries=0 by default
+        with pytest.raises(TerminatedWorkerError):
+            ex.submit(die_first, d, "default", 1).result(timeout=30)
+        assert runs(d, "default") == 1
+        opts = ex.with_options(retries=3)
+        assert opts.submit(die_first, d, "r3", 3, "x").result(timeout=30) == ("x", 4)
+        with pytest.raises(TerminatedWorkerError):
+            ex.with_options(retries=1).submit(die_first, d, "r1", 99).result(timeout=30)
+        assert runs(d, "r1") == 2
+        if mode == Mode.TARGETED:
+            got = opts.submit_to(1, die_first, d, "to1", 1, "y").result(timeout=30)
+            assert got == ("y", 2)
+        # map with options: every item dies once and then succeeds
+        out = list(ex.with_options(retries=1).map(die_first, [d] * 6,
+                                                  [f"m{i}" for i in range(6)], [1] * 6,
+                                                  range(6)))
+        assert out == [(i, 2) for i in range(6)]
+        assert ex.stats().workers == 2
+
+
+# --------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_100k_tasks_through_map_with_buffersize_in_order():
+    n = 100_000
+    with pool(max_workers=2) as ex:
+        subdir = ex._state.subdir
+        task_key, reply_key = ex.key, ex._state.reply_queue.key
+        it = ex.map(identity, range(n), buffersize=1000)
+        for expected, got in enumerate(it):
+            if got != expected:
+                raise AssertionError(f"item {expected}: got {got}")
+            if expected % 20_000 == 0:
+                # never more than buffersize tasks in flight
+                assert len(ex._state.pending) <= 1000
+        assert expected == n - 1
+        assert ex.stats().completed == n
+    # nothing of it remains
+    assert ipcinfo.queue_info(task_key) is None and ipcinfo.queue_info(reply_key) is None
+    assert not any(os.path.exists(os.path.join(root, subdir)) for root in spill.spill_roots())
+
+
+PRODUCER = """
+import json, os, sys, time
+from mqexecutor import MQExecutor
+
+key, me, n, go, log = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+
+
+def tag(producer, i, log):
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.write(fd, b"%d:%d\\n" % (producer, i))
+    os.close(fd)
+    return (producer, i)
+
+
+ex = MQExecutor.attach(key)
+print("ATTACHED", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.005)
+futures = [ex.submit(tag, me, i, log) for i in range(n)]
+results = [f.result(timeout=100) for f in futures]
+ex.shutdown()
+print("RESULTS", json.dumps(results), flush=True)
+"""
+
+
+@pytest.mark.timeout(150)
+def test_16_producer_processes_on_one_pool(tmp_path):
+    """16 processes attach to one pool (MQExecutor(key) here) and submit 500
+    tasks each at once: each gets exactly its own results, in order, and every
+    task ran exactly once (a log line per run)."""
+    key = unused_key()
+    nproc, n = 16, 500
+    script = tmp_path / "producer.py"
+    script.write_text(PRODUCER)
+    go, log = str(tmp_path / "go"), str(tmp_path / "runs.log")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    procs = []
+    try:
+        with pool(key, max_workers=2) as ex:
+            for me in range(nproc):
+                procs.append(subprocess.Popen(
+                    [sys.executable, str(script), str(key), str(me), str(n), go, log],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+            for p in procs:
+                assert p.stdout.readline().strip() == "ATTACHED", p.stderr.read()
+            with open(go, "w"):
+                pass
+            for me, p in enumerate(procs):
+                out, err = p.communicate(timeout=120)
+                assert p.returncode == 0, err
+                line = [x for x in out.splitlines() if x.startswith("RESULTS ")]
+                assert line, out + err
+                results = [tuple(r) for r in json.loads(line[0][len("RESULTS "):])]
+                assert results == [(me, i) for i in range(n)], f"producer {me}"
+            assert ex.stats().workers == 2
+        with open(log) as f:
+            lines = f.read().split()
+        assert len(lines) == nproc * n, "a task ran twice or never"
+        assert sorted(lines) == sorted(f"{me}:{i}" for me in range(nproc) for i in range(n))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        persistence.remove_queue(key)
+
+
+# --------------------------------------------------------------------------
+# Leftovers of crashed executors
+# --------------------------------------------------------------------------
+
+CRASHING_OWNER = """
+import json, os, sys, time
+from mqexecutor import MQExecutor
+from tests.helpers import gated
+
+ex = MQExecutor(max_workers=2)
+gate, started = sys.argv[1], sys.argv[2]
+busy = [ex.submit(gated, gate, started, i) for i in range(2)]
+# spilled tasks waiting in the kernel queue: their spill files are on disk
+waiting = [ex.submit(len, bytes(20_000)) for _ in range(3)]
+print("STATE", json.dumps({"pid": os.getpid(), "task_key": ex.key,
+                           "reply_key": ex._state.reply_queue.key,
+                           "subdir": ex._state.subdir, "workers": sorted(ex._processes)}),
+      flush=True)
+time.sleep(300)
+"""
+
+# A stand-in for init: a child subreaper that starts the owner in its own
+# session and reaps every orphan once `reap` exists ("-": at once). On this
+# machine PID 1 never reaps orphans, so without it killed workers stay zombies.
+REAPER = """
+import ctypes, os, subprocess, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed")
+reap = sys.argv[1]
+owner = subprocess.Popen([sys.executable] + sys.argv[2:], start_new_session=True)
+end = time.monotonic() + 120
+while time.monotonic() < end:
+    if reap == "-" or os.path.exists(reap):
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break  # every child and orphan reaped
+        if pid:
+            continue
+    time.sleep(0.01)
+"""
+
+
+def start_crashing_owner(tmp_path, gate: Gate, reap: str):
+    (tmp_path / "owner.py").write_text(CRASHING_OWNER)
+    (tmp_path / "reaper.py").write_text(REAPER)
+    reaper = subprocess.Popen(
+        [sys.executable, str(tmp_path / "reaper.py"), reap, str(tmp_path / "owner.py"),
+         gate.path, gate.started_dir],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=REPO))
+    line = reaper.stdout.readline()
+    if not line.startswith("STATE "):
+        reaper.kill()
+        raise AssertionError(line + reaper.communicate()[1])
+    state = json.loads(line[6:])
+    gate.wait_started(2)
+    assert len([f for f in spill.list_files(state["subdir"]) if f.endswith(".spill")]) == 3
+    return reaper, state
+
+
+def process_state(pid: int) -> str:
+    """'R', 'S', 'Z'... from /proc, or '' once the process is gone (reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def stop_crashing_owner(reaper, state, gate: Gate, reap: str) -> None:
+    gate.open()
+    if reap != "-":
+        with open(reap, "a"):
+            pass
+    if state is not None and process_state(state["pid"]) not in ("", "Z"):
+        os.killpg(state["pid"], signal.SIGKILL)
+    try:
+        reaper.wait(30)
+    except subprocess.TimeoutExpired:
+        reaper.kill()
+        reaper.wait()
+    if state is not None:
+        persistence.collect_garbage()
+        for k in (state["task_key"], state["reply_key"]):  # whatever gc could not
+            if ipcinfo.queue_info(k) is not None:
+                persistence.remove_queue(k)
+        spill.remove_subdir(state["subdir"])
+
+
+@pytest.mark.timeout(60)
+def test_gc_reclaims_a_sigkilled_private_executor(tmp_path):
+    """A private executor and its workers all SIGKILLed at once (killpg): nobody
+    cleans up, so its task queue, reply queue and spill directory (with the
+    spill files of queued tasks) stay until ``mqexecutor gc`` removes them."""
+    gate, state = Gate(tmp_path), None
+    reaper, state = start_crashing_owner(tmp_path, gate, "-")
+    try:
+        os.killpg(state["pid"], signal.SIGKILL)
+        procs = [state["pid"]] + state["workers"]
+        assert wait_until(lambda: not any(process_state(p) for p in procs), 10), \
+            [process_state(p) for p in procs]
+        keys = (state["task_key"], state["reply_key"])
+        still = [k for k in keys if ipcinfo.queue_info(k) is not None]
+        r = subprocess.run([sys.executable, "-m", "mqexecutor", "gc"], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        for k in keys:
+            assert ipcinfo.queue_info(k) is None, f"queue {k:#x} not reclaimed:\n{r.stdout}"
+        for root in spill.spill_roots():
+            assert not os.path.exists(os.path.join(root, state["subdir"]))
+        # Another process's collect_garbage() may have been quicker than ours;
+        # what ours found, it names.
+        if still and f"dead pid {state['pid']}" in r.stdout:
+            for k in still:
+                assert f"queue 0x{k & 0xFFFFFFFF:08x}" in r.stdout, r.stdout
+    finally:
+        stop_crashing_owner(reaper, state, gate, "-")
+
+
+@pytest.mark.timeout(60)
+def test_gc_reclaims_queues_of_killed_workers_not_yet_reaped(tmp_path):
+    gate, state, reap = Gate(tmp_path), None, str(tmp_path / "reap")
+    reaper, state = start_crashing_owner(tmp_path, gate, reap)
+    try:
+        os.killpg(state["pid"], signal.SIGKILL)
+        assert wait_until(lambda: all(process_state(p) == "Z"
+                                      for p in [state["pid"]] + state["workers"]), 10)
+        persistence.collect_garbage()
+        for k in (state["task_key"], state["reply_key"]):
+            assert ipcinfo.queue_info(k) is None, f"queue {k:#x} not reclaimed"
+    finally:
+        stop_crashing_owner(reaper, state, gate, reap)
+
+
+LS_IN_OWN_NAMESPACE = """
+import sysv_ipc
+from mqexecutor import cli, ipcinfo
+sysv_ipc.MessageQueue(sysv_ipc.IPC_PRIVATE, sysv_ipc.IPC_CREAT)  # one IPC_PRIVATE queue
+before = len(ipcinfo.list_queues())
+for _ in range(3):
+    cli.main(["ls", "--all"])
+print("QUEUES", before, len(ipcinfo.list_queues()))
+"""
+
+
+def _can_unshare_ipc() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    r = subprocess.run(["unshare", "--ipc", "true"], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not _can_unshare_ipc(), reason="needs unshare --ipc (root)")
+def test_ls_all_creates_no_queue(tmp_path):
+    """`mqexecutor ls --all` used to open every listed queue by key; for an
+    IPC_PRIVATE queue (key 0) that creates a new queue, doubling them at each
+    run (fixed in e2d2a01). Run in a new IPC namespace (unshare --ipc), so any
+    queue it made would vanish with it."""
+    script = tmp_path / "ls.py"
+    script.write_text(LS_IN_OWN_NAMESPACE)
+    r = subprocess.run(["unshare", "--ipc", sys.executable, str(script)], capture_output=True,
+                       text=True, timeout=30, env=dict(os.environ, PYTHONPATH=REPO))
+    assert r.returncode == 0, r.stderr
+    before, after = map(int, r.stdout.split("QUEUES")[1].split())
+    assert after == before, f"`mqexecutor ls --all` x3 made {after - before} queue(s)"
