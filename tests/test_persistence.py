@@ -483,23 +483,27 @@ def test_restart_in_another_process_after_clean_exit(lab, qh):
     """A child submits, calls shutdown(wait=False) and exits normally; this
     process's executor on the key runs what the child left queued."""
     key = lab.key()
+    marks = os.path.join(lab.tmp, "marks")
+    os.mkdir(marks)
     child = lab.script("child_exit.py", """
-        import sys, time
+        import os, sys, time
         import qh
-        from mqexecutor import MQExecutor, ipcinfo
-        key = int(sys.argv[1])
+        from mqexecutor import MQExecutor
+        key, marks = int(sys.argv[1]), sys.argv[2]
         ex = MQExecutor(key, 1)
-        first = ex.submit(qh.tag, "child", -1, 1.0)    # keeps the worker busy 1 s
-        while ipcinfo.queue_info(key).qnum:            # until the worker took it
+        first = ex.submit(qh.mark, marks, "first", 1.0)  # keeps the worker busy 1 s
+        # until the task has started: a message merely received when the stop
+        # request comes goes back on the queue, by design
+        while not os.path.exists(os.path.join(marks, "first")):
             time.sleep(0.005)
         rest = [ex.submit(qh.tag, "child", i) for i in range(5)]
         print("IDS", *[f.task_id for f in rest], flush=True)
         ex.shutdown(wait=False)
-        print("RESULT", first.result(timeout=30)[:2], flush=True)
-    """, key)
+        print("RESULT", first.result(timeout=30), flush=True)
+    """, key, marks)
     ids = [int(x) for x in child.expect("IDS").split()[1:]]
     assert child.wait(60) == 0, child.transcript()
-    assert "('child', -1)" in child.expect("RESULT", 5)
+    assert "first" in child.expect("RESULT", 5)
     assert qnum(key) == 5, child.transcript()
 
     ex = lab.track(MQExecutor(key, 2))
