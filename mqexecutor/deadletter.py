@@ -13,6 +13,7 @@ message itself in base64 (its first ``KEEP_BYTES`` bytes). At most
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import time
@@ -39,6 +40,11 @@ def record(key: int, raw: bytes, reason: str, worker: int | None) -> str | None:
     when the place is full or cannot be written (never raises)."""
     try:
         path = _dir(key, create=True)
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return None
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)  # workers write concurrently: keep the cap exact
         if len(os.listdir(path)) >= MAX_RECORDS:
             return None
         name = os.path.join(path, f"{time.time_ns()}-{os.getpid()}.json")
@@ -50,6 +56,8 @@ def record(key: int, raw: bytes, reason: str, worker: int | None) -> str | None:
         return name
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(dfd)  # releases the lock
 
 
 def list_records(key: int) -> list[dict]:

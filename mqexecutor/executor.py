@@ -125,6 +125,8 @@ class StrandedTask:
     producer_pid: int
 
 _RNG = random.SystemRandom()
+_RUNNING = _futures_base.RUNNING
+_PENDING = _futures_base.PENDING
 _LEN = struct.Struct("<I")
 
 
@@ -214,6 +216,26 @@ def _spill_reference(task_message: bytes) -> str:
     except ProtocolError:
         return ""
     return bytes(payload).decode("ascii", "replace")
+
+
+_NAMES: dict[Any, tuple[str, bytes]] = {}
+
+
+def _name_and_prefix(fn: Any) -> tuple[str, bytes]:
+    """``_fn_name(fn)`` and its task-body prefix, cached for hashable functions."""
+    try:
+        return _NAMES[fn]
+    except (KeyError, TypeError):
+        pass
+    name = _fn_name(fn)
+    entry = (name, task_body(name, b""))
+    try:
+        if len(_NAMES) > 1024:
+            _NAMES.clear()
+        _NAMES[fn] = entry
+    except TypeError:  # unhashable callable
+        pass
+    return entry
 
 
 def _fn_name(fn: Any) -> str:
@@ -460,16 +482,16 @@ class _PoolState:
 
         The Future turns RUNNING just before msgsnd, because a worker may answer
         before msgsnd returns; it goes back to PENDING if the queue is full.
-        Nobody can cancel it meanwhile: ``MQFuture.cancel`` takes the same lock.
+        Nobody can cancel it meanwhile: ``MQFuture.cancel`` takes the same lock,
+        and no result can arrive before the message is sent, so the Future's own
+        condition is not needed (PENDING -> RUNNING notifies no waiter).
         Returns False when the queue is full."""
         fut = item.future
-        with fut._condition:
-            fut._state = _futures_base.RUNNING
+        fut._state = _RUNNING
         try:
             self.task_queue.send(item.message, block=False, type=item.mtype)
         except BaseException as exc:
-            with fut._condition:
-                fut._state = _futures_base.PENDING
+            fut._state = _PENDING
             if isinstance(exc, sysv_ipc.BusyError) or type(exc) is sysv_ipc.Error:
                 return False  # full, or EINTR
             if isinstance(exc, (sysv_ipc.Error, OSError)):
@@ -508,15 +530,13 @@ class _PoolState:
         flags = F_BATCH | (F_TARGETED if self.targeted else 0)
         message = build(Kind.TASK, flags, 0, first.future.task_id, self.token,
                         self.reply_queue.key, self.pid, first.worker, body)
-        for it in items:
-            with it.future._condition:
-                it.future._state = _futures_base.RUNNING
+        for it in items:  # as in send_now
+            it.future._state = _RUNNING
         try:
             self.task_queue.send(message, block=False, type=first.mtype)
         except BaseException as exc:
             for it in items:
-                with it.future._condition:
-                    it.future._state = _futures_base.PENDING
+                it.future._state = _PENDING
             if isinstance(exc, sysv_ipc.BusyError) or type(exc) is sysv_ipc.Error:
                 return 0
             if isinstance(exc, (sysv_ipc.Error, OSError)):
@@ -1535,10 +1555,11 @@ class MQExecutor(Executor):
             raise TypeError(f"{fn!r} is not callable")
         if retries is None:
             retries = state.retries
-        fut = MQFuture(0, _fn_name(fn), state.lock)
+        name, prefix = _name_and_prefix(fn)
+        fut = MQFuture(0, name, state.lock)
         keep = retries > 0 or state.journal is not None
         try:
-            room = state.inline_max - 2 - len(fut.fn_name.encode("utf-8", "replace")[:255])
+            room = state.inline_max - len(prefix)
             body, spilled = codec.dumps((fn, args, kwargs), room, state.task_subdir)
         except Exception as exc:  # noqa: BLE001 - fails the Future, as ProcessPoolExecutor
             fut.set_exception(exc)
@@ -1566,7 +1587,7 @@ class MQExecutor(Executor):
                 mtype, worker = PREEMPTIVE_MTYPE, -1
             assert state.reply_queue is not None
             message = build(Kind.TASK, flags, 0, task_id, state.token, state.reply_queue.key,
-                            state.pid, worker, task_body(fut.fn_name, body), state.authkey)
+                            state.pid, worker, prefix + body, state.authkey)
             item = _WorkItem(fut, message, mtype, worker, spill_ref, retries, keep)
             if state.journal is not None:
                 try:

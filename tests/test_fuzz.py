@@ -467,10 +467,8 @@ def test_dead_letters_are_capped_but_still_counted(fp, monkeypatch):
         post(fp.key, b"\x01" + i.to_bytes(4, "little"))
     fp.settle()
     assert fp.rejected() - before == n
-    # The cap is checked before each write without a lock, so with 2 workers
-    # it may be passed by one record (see the module's bug notes).
     kept = len(deadletter.list_records(fp.key))
-    assert deadletter.MAX_RECORDS <= kept <= deadletter.MAX_RECORDS + 1, kept
+    assert kept == deadletter.MAX_RECORDS, kept
     fp.check_workers()
 
 
