@@ -111,7 +111,9 @@ def collect_garbage() -> list[str]:
     For each producer spill directory ``p-<pid>-<token>`` whose process is gone:
     remove its reply queue and, for a private executor, its task queue (only
     when the queue was created by this user and no live process last used it),
-    then the directory and its spill files. Persistent keys are never touched.
+    then the directory and its spill files. A persistent key's directory is
+    removed only when its queue is gone and it holds nothing but metadata (no
+    spill file, durable spool or dead letter); its queue is never touched.
 
     Returns:
         list of str: one line per thing removed, for logs and the CLI.
@@ -128,6 +130,9 @@ def collect_garbage() -> list[str]:
         except OSError:
             continue
         for name in names:
+            if name.startswith("k-"):
+                removed.extend(_stale_key_dir(root, name, by_key))
+                continue
             if not name.startswith("p-"):
                 continue
             try:
@@ -161,6 +166,33 @@ def collect_garbage() -> list[str]:
             spill.remove_subdir(name)
             removed.append(f"spill directory {os.path.join(root, name)}")
     return removed
+
+
+def _stale_key_dir(root: str, name: str, by_key: dict) -> list[str]:
+    """Remove ``root/k-<key>`` when its queue no longer exists and it holds
+    nothing but metadata (no spill file, spool record or dead letter)."""
+    try:
+        key = int(name[2:], 16)
+    except ValueError:
+        return []
+    if key > 0x7FFFFFFF:
+        key -= 1 << 32
+    if key in by_key:
+        return []
+    path = os.path.join(root, name)
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        return []
+    if any(e != META for e in entries):
+        return []
+    try:
+        for e in entries:
+            os.unlink(os.path.join(path, e))
+        os.rmdir(path)
+    except OSError:
+        return []
+    return [f"stale metadata {path} (its queue is gone)"]
 
 
 def purge_queue(key: int) -> tuple[int, int]:

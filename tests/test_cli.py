@@ -588,3 +588,30 @@ def test_gc_reclaims_reply_queue_and_spill_dir_of_dead_producer(lab):
     assert persistence.read_meta(spill.key_subdir(key)) is not None
     r = cli("gc", script=True)
     assert r.returncode == 0 and f"of dead pid {producer.pid}" not in r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_gc_removes_stale_key_metadata_but_keeps_what_still_matters():
+    """A k-<key> directory whose queue is gone and that holds only meta.json is
+    stale: gc removes it. One that still holds a durable spool record is kept
+    (the next executor on the key recovers from it)."""
+    from mqexecutor import spill as spill_mod
+    from mqexecutor.persistence import QueueMeta, write_meta
+    from tests.helpers import unused_key
+    stale, kept = unused_key(), unused_key()
+    for key in (stale, kept):
+        write_meta(spill_mod.key_subdir(key), QueueMeta(key=key, mode=3, workers=1, wire=1,
+                                                        owner_pid=1))
+    kept_dir = os.path.join(spill_mod.root_dir(0), spill_mod.key_subdir(kept))
+    os.makedirs(os.path.join(kept_dir, "spool"))
+    try:
+        r = subprocess.run([sys.executable, "-m", "mqexecutor", "gc"], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert spill_mod.key_subdir(stale) in r.stdout
+        assert not os.path.exists(os.path.join(spill_mod.root_dir(0),
+                                               spill_mod.key_subdir(stale)))
+        assert os.path.exists(os.path.join(kept_dir, "meta.json"))
+    finally:
+        spill_mod.remove_subdir(spill_mod.key_subdir(stale))
+        spill_mod.remove_subdir(spill_mod.key_subdir(kept))
