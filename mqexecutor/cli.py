@@ -30,6 +30,8 @@ EXIT_NO_QUEUE, EXIT_USAGE, EXIT_PERMISSION, EXIT_NOT_OURS = 1, 2, 3, 4
 
 
 class CLIError(Exception):
+    """An error reported as one line on stderr; ``code`` is the exit status."""
+
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
@@ -99,6 +101,8 @@ def _known_queues() -> dict[int, tuple[str, persistence.QueueMeta]]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    """``mqexecutor ls [--all]``: one row per queue (key, msqid, perms, messages, bytes, capacity,
+    pids, role, mode). Returns 0."""
     known = _known_queues()
     rows = []
     for q in ipcinfo.list_queues():
@@ -120,6 +124,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
+    """``mqexecutor stat KEY``: one queue in detail, peeked with MSG_COPY (tasks per worker, spill
+    files referenced). Raises CLIError (exit 1, 3) for a missing or unreadable queue."""
     info = _info(args.key)
     messages = _peek(info)
     meta = persistence.read_meta(spill.key_subdir(args.key))
@@ -182,12 +188,16 @@ def _drop(args: argparse.Namespace, action, what: str) -> tuple[ipcinfo.QueueInf
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
+    """``mqexecutor purge KEY [--force]``: drop the queued tasks and their spill files. Raises
+    CLIError (exit 1, 3, 4)."""
     _, messages, files = _drop(args, persistence.purge_queue, "purging")
     print(f"purged {messages} message(s) and {files} spill file(s) from {_hex(args.key)}")
     return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    """``mqexecutor rm KEY [--force]``: purge, then remove the queue and its spill directory.
+    Raises CLIError (exit 1, 3, 4)."""
     info, messages, files = _drop(args, persistence.remove_queue, "removing")
     print(f"removed queue {_hex(args.key)} (msqid {info.msqid}) with {messages} "
           f"message(s) and {files} spill file(s)")
@@ -195,6 +205,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_dead(args: argparse.Namespace) -> int:
+    """``mqexecutor dead KEY [--purge]``: list (or remove) the dead letters workers set aside.
+    Returns 0."""
     records = deadletter.list_records(args.key)
     if args.purge:
         print(f"removed {deadletter.purge(args.key)} dead letter(s) of {_hex(args.key)}")
@@ -210,6 +222,8 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    """``mqexecutor gc``: reclaim what dead producers left (persistence.collect_garbage). Returns
+    0."""
     removed = persistence.collect_garbage()
     for line in removed:
         print(f"removed {line}")
@@ -219,6 +233,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``mqexecutor serve KEY``: run a pool in the foreground until SIGINT/SIGTERM; running tasks
+    finish, queued ones stay. Returns 0, or non-zero when the pool broke."""
     stop = threading.Event()
 
     def on_signal(signum, frame):

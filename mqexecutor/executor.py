@@ -327,7 +327,6 @@ class _PoolState:
         self.batch_fixed = False
         self.rate_mark = (time.monotonic(), 0)
         self.shutdown_requested = False
-        self.cancel_requested = False
         self.terminating = False
         self.broken: str | None = None
         self.closed = False
@@ -657,8 +656,6 @@ class _PoolState:
     def request_shutdown(self, cancel_futures: bool = False, abandon: bool = False) -> None:
         with self.lock:
             self.shutdown_requested = True
-            if cancel_futures:
-                self.cancel_requested = True
             if abandon:
                 self.abandon = True
         if cancel_futures:

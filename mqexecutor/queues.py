@@ -14,11 +14,8 @@ import sysv_ipc
 
 from .limits import msgmax
 
-__all__ = ["ftok", "open_queue", "create_private", "remove_quietly", "parse_key",
-           "QueueGone", "QueueFull"]
+__all__ = ["ftok", "open_queue", "create_private", "remove_quietly", "parse_key"]
 
-QueueGone = sysv_ipc.ExistentialError
-QueueFull = sysv_ipc.BusyError
 
 _rng = random.SystemRandom()
 

@@ -93,6 +93,7 @@ class Scoreboard:
                    for i in range(self.nslots))
 
     def close(self) -> None:
+        """Unmap the file (idempotent; ignored while views are exported)."""
         try:
             self._mm.close()
         except (BufferError, ValueError):

@@ -40,7 +40,7 @@ from typing import Any
 __all__ = [
     "SpillError", "spill_roots", "root_dir", "ensure_subdir", "write", "load",
     "remove_subdir", "list_files", "producer_subdir", "key_subdir", "choose_root",
-    "ENV_SPILL_DIR", "count_references",
+    "ENV_SPILL_DIR",
 ]
 
 ENV_SPILL_DIR = "MQEXECUTOR_SPILL_DIR"
@@ -343,8 +343,3 @@ def list_files(subdir: str | None = None) -> list[str]:
             if os.path.isdir(p) and not os.path.islink(p):
                 found.extend(os.path.join(p, f) for f in sorted(os.listdir(p)))
     return found
-
-
-def count_references(subdir: str) -> int:
-    """Number of spill files currently under ``subdir`` (all roots)."""
-    return len(list_files(subdir))

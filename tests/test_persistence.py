@@ -34,6 +34,8 @@ from mqexecutor import MQExecutor, Mode, QueueModeError, ipcinfo, persistence, s
 from mqexecutor.executor import CapacityWarning
 from mqexecutor.limits import msgmnb
 
+from .helpers import pid_alive, wait_until
+
 try:  # the conftest leak check treats k-<key> directories of these keys as ours
     from .helpers import TEST_KEYS as _SHARED_TEST_KEYS
 except Exception:  # noqa: BLE001 - the check is only stricter with it
@@ -141,26 +143,6 @@ def remove_key(key: int) -> None:
 def qnum(key: int) -> int | None:
     info = ipcinfo.queue_info(key)
     return None if info is None else info.qnum
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool:
-    end = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > end:
-            return False
-        time.sleep(interval)
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not reaped yet) counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def queue_exists(key: int) -> bool:
@@ -652,7 +634,7 @@ def test_sigkill_of_owner_leftovers_run_exactly_once(lab, qh, monkeypatch):
     child.p.send_signal(signal.SIGKILL)
     child.p.wait(10)
 
-    assert wait_until(lambda: not any(process_alive(p) for p in worker_pids), 10), \
+    assert wait_until(lambda: not any(pid_alive(p) for p in worker_pids), 10), \
         "the dead owner's workers are still running"
     started = set(os.listdir(record))
     left = qnum(key)
