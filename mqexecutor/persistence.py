@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 
 from . import spill
@@ -112,8 +113,9 @@ def collect_garbage() -> list[str]:
     remove its reply queue and, for a private executor, its task queue (only
     when the queue was created by this user and no live process last used it),
     then the directory and its spill files. A persistent key's directory is
-    removed only when its queue is gone and it holds nothing but metadata (no
-    spill file, durable spool or dead letter); its queue is never touched.
+    removed only when its queue is gone and it holds nothing but metadata older
+    than a minute (no spill file, durable spool or dead letter); its queue is
+    never touched.
 
     Returns:
         list of str: one line per thing removed, for logs and the CLI.
@@ -182,9 +184,16 @@ def _stale_key_dir(root: str, name: str, by_key: dict) -> list[str]:
     path = os.path.join(root, name)
     try:
         entries = os.listdir(path)
+        if any(e != META for e in entries):
+            return []
+        # An owner writes meta.json just after creating its queue: a recent file
+        # may belong to a queue created after ``by_key`` was read. Look again.
+        if META in entries and time.time() - os.stat(os.path.join(path, META)).st_mtime < 60:
+            return []
     except OSError:
         return []
-    if any(e != META for e in entries):
+    from . import ipcinfo
+    if ipcinfo.queue_info(key) is not None:
         return []
     try:
         for e in entries:

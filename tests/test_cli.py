@@ -592,17 +592,24 @@ def test_gc_reclaims_reply_queue_and_spill_dir_of_dead_producer(lab):
 
 @pytest.mark.timeout(60)
 def test_gc_removes_stale_key_metadata_but_keeps_what_still_matters():
-    """A k-<key> directory whose queue is gone and that holds only meta.json is
-    stale: gc removes it. One that still holds a durable spool record is kept
-    (the next executor on the key recovers from it)."""
+    """A k-<key> directory whose queue is gone and that holds only an old
+    meta.json is stale: gc removes it. One that still holds a durable spool
+    record is kept (the next executor on the key recovers from it), and so is a
+    fresh meta.json (an owner writes it just after creating its queue, which a
+    concurrent gc may not have seen)."""
     from mqexecutor import spill as spill_mod
     from mqexecutor.persistence import QueueMeta, write_meta
     from tests.helpers import unused_key
-    stale, kept = unused_key(), unused_key()
-    for key in (stale, kept):
+    stale, kept, fresh = unused_key(), unused_key(), unused_key()
+    for key in (stale, kept, fresh):
         write_meta(spill_mod.key_subdir(key), QueueMeta(key=key, mode=3, workers=1, wire=1,
                                                         owner_pid=1))
+    hour_ago = time.time() - 3600
+    for key in (stale, kept):
+        meta = os.path.join(spill_mod.root_dir(0), spill_mod.key_subdir(key), "meta.json")
+        os.utime(meta, (hour_ago, hour_ago))
     kept_dir = os.path.join(spill_mod.root_dir(0), spill_mod.key_subdir(kept))
+    fresh_dir = os.path.join(spill_mod.root_dir(0), spill_mod.key_subdir(fresh))
     os.makedirs(os.path.join(kept_dir, "spool"))
     try:
         r = subprocess.run([sys.executable, "-m", "mqexecutor", "gc"], capture_output=True,
@@ -612,6 +619,7 @@ def test_gc_removes_stale_key_metadata_but_keeps_what_still_matters():
         assert not os.path.exists(os.path.join(spill_mod.root_dir(0),
                                                spill_mod.key_subdir(stale)))
         assert os.path.exists(os.path.join(kept_dir, "meta.json"))
+        assert os.path.exists(os.path.join(fresh_dir, "meta.json"))
     finally:
-        spill_mod.remove_subdir(spill_mod.key_subdir(stale))
-        spill_mod.remove_subdir(spill_mod.key_subdir(kept))
+        for key in (stale, kept, fresh):
+            spill_mod.remove_subdir(spill_mod.key_subdir(key))
