@@ -179,11 +179,60 @@ def _alive(pid: int) -> bool:
     return pid <= 0 or persistence.pid_alive(pid)
 
 
+class _Liveness:
+    """Whether producers live, asked before every result is sent: one poll() of
+    a pidfd kept per producer pid (readable once the process exited, zombie
+    included), about 1 us, against about 15 us for kill(0) plus reading
+    /proc/<pid>/stat. Falls back to :func:`_alive` where pidfds do not exist."""
+
+    LIMIT = 64  # pidfds kept open
+
+    def __init__(self) -> None:
+        self._polls: dict[int, Any] = {}
+        self._fds: dict[int, int] = {}
+
+    def alive(self, pid: int) -> bool:
+        if pid <= 0:
+            return True
+        poller = self._polls.get(pid)
+        if poller is None:
+            if len(self._fds) >= self.LIMIT:
+                self.close()
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                return False
+            except (AttributeError, OSError):  # no pidfd here: the slow way
+                return _alive(pid)
+            if not _alive(pid):  # a zombie has a pidfd too, readable at once
+                os.close(fd)
+                return False
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            self._fds[pid] = fd
+            self._polls[pid] = poller
+        if poller.poll(0):
+            self.forget(pid)
+            return False
+        return True
+
+    def forget(self, pid: int) -> None:
+        self._polls.pop(pid, None)
+        fd = self._fds.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for pid in list(self._fds):
+            self.forget(pid)
+
+
 class _Replier:
     """Sends results to producers' reply queues, opened by key and cached."""
 
     def __init__(self) -> None:
         self._queues: dict[int, sysv_ipc.MessageQueue] = {}
+        self._liveness = _Liveness()
 
     def _queue(self, key: int) -> sysv_ipc.MessageQueue:
         q = self._queues.get(key)
@@ -202,7 +251,7 @@ class _Replier:
 
         A producer that died is cleaned up after: its reply queue and spill
         directory are removed, so nothing it left behind leaks."""
-        if not _alive(producer_pid):
+        if not self._liveness.alive(producer_pid):
             self._bury(key, producer_pid, token)
             return False
         delay = 0.0001
@@ -232,7 +281,7 @@ class _Replier:
             delay = min(delay * 2, 0.02)
             if waited > 0.2:
                 waited = 0.0
-                if not _alive(producer_pid):
+                if not self._liveness.alive(producer_pid):
                     self._bury(key, producer_pid, token)
                     return False
 
