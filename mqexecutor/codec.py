@@ -12,14 +12,17 @@ written straight into the file, and the message body becomes the reference.
 """
 from __future__ import annotations
 
+import importlib
 import pickle
+import sys
+import types
 from typing import Any
 
 import cloudpickle
 
 from . import spill
 
-__all__ = ["dumps", "loads", "PROTOCOL"]
+__all__ = ["dumps", "loads", "PROTOCOL", "function_reference", "load_function"]
 
 PROTOCOL = 5
 
@@ -30,7 +33,7 @@ _MAIN = b"__main__"
 _REGISTRY = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", None)
 
 
-def _by_value_registry() -> bool:
+def by_value_registry() -> bool:
     """True when modules are registered with cloudpickle.register_pickle_by_value."""
     if _REGISTRY is not None:
         return bool(_REGISTRY)
@@ -41,8 +44,11 @@ def _by_value_registry() -> bool:
 
 
 def _pickle(obj: Any, buffers: list | None) -> bytes:
-    keep = None
-    if buffers is not None:
+    """Pickle ``obj``; with ``buffers``, its contiguous PickleBuffers (protocol 5,
+    e.g. numpy arrays) are appended to it out-of-band, as memoryviews."""
+    if buffers is None:
+        keep = None
+    else:
         def keep(pb: pickle.PickleBuffer) -> bool:
             try:
                 buffers.append(pb.raw())
@@ -50,7 +56,7 @@ def _pickle(obj: Any, buffers: list | None) -> bytes:
                 return True
             return False
 
-    if not _by_value_registry():
+    if not by_value_registry():
         try:
             data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep)
         except Exception:  # noqa: BLE001 - cloudpickle gets its chance below
@@ -60,6 +66,67 @@ def _pickle(obj: Any, buffers: list | None) -> bytes:
         if buffers:
             buffers.clear()
     return cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep)
+
+
+#: Types pickled by the C pickler alone: no buffers, no ``__main__`` reference.
+_PLAIN = frozenset((type(None), bool, int, float, complex, str, bytes))
+
+#: Callables that pickle as a reference (module and qualified name), never state.
+_BY_REFERENCE = frozenset((types.FunctionType, types.BuiltinFunctionType, type))
+
+
+def _resolve(module: str, qualname: str, load: bool = True) -> Any:
+    obj = importlib.import_module(module) if load else sys.modules[module]
+    for part in qualname.split("."):
+        if part == "<locals>":
+            raise AttributeError(f"{module}:{qualname} is local to a function")
+        obj = getattr(obj, part)
+    return obj
+
+
+def function_reference(fn: Any) -> str | None:
+    """``"module:qualname"`` of ``fn`` when it travels as a reference that stays
+    valid for as long as ``fn`` exists (a module-level function, builtin or
+    class that the C pickler pickles by reference), for the producer to make
+    once and reuse; None for anything that travels by value (lambdas, closures,
+    ``__main__`` functions, callable objects, modules registered with
+    ``cloudpickle.register_pickle_by_value``)."""
+    if type(fn) not in _BY_REFERENCE or by_value_registry():
+        return None
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__":
+        return None
+    try:
+        if _resolve(module, qualname, load=False) is not fn:
+            return None
+        data = pickle.dumps(fn, protocol=PROTOCOL)  # as the C pickler would send it
+    except Exception:  # noqa: BLE001 - travels by value (cloudpickle)
+        return None
+    return None if _MAIN in data else f"{module}:{qualname}"
+
+
+_FUNCTIONS: dict[str, Any] = {}
+
+
+def load_function(reference: str) -> Any:
+    """Inverse of :func:`function_reference`, cached (the worker side): imports
+    the module and looks the qualified name up, as unpickling would.
+
+    Raises:
+        TypeError: ``reference`` is not a ``"module:qualname"`` string.
+        ImportError, AttributeError: the module or the name does not exist here.
+    """
+    fn = _FUNCTIONS.get(reference)  # type: ignore[arg-type]
+    if fn is None:
+        if not isinstance(reference, str) or ":" not in reference:
+            raise TypeError(f"function reference {reference!r} is not 'module:qualname'")
+        module, _, qualname = reference.partition(":")
+        fn = _resolve(module, qualname)
+        if len(_FUNCTIONS) >= 1024:
+            _FUNCTIONS.clear()
+        _FUNCTIONS[reference] = fn
+    return fn
 
 
 def dumps(obj: Any, inline_max: int, subdir: str) -> tuple[bytes, bool]:
@@ -78,6 +145,10 @@ def dumps(obj: Any, inline_max: int, subdir: str) -> tuple[bytes, bool]:
         Whatever pickling raises (e.g. ``pickle.PicklingError``, ``TypeError``),
         and ``OSError`` when a spill file cannot be written.
     """
+    if type(obj) in _PLAIN:
+        data = pickle.dumps(obj, protocol=PROTOCOL)
+        if len(data) <= inline_max:
+            return data, False
     buffers: list = []
     data = _pickle(obj, buffers)
     if not buffers and len(data) <= inline_max:

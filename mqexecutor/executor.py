@@ -21,6 +21,7 @@ import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import random
 import struct
 import sys
@@ -37,7 +38,7 @@ from typing import Any
 
 import sysv_ipc
 
-from . import codec, deadletter, ipcinfo, journal, persistence, queues, spill
+from . import codec, deadletter, ipcinfo, journal, outbox, persistence, queues, spill
 from .errors import (
     BrokenMQPool,
     QueueModeError,
@@ -50,9 +51,11 @@ from .limits import msgmax
 from .protocol import (
     CONTROL_MTYPE,
     F_BATCH,
+    F_FN_REF,
     F_KEEP_SPILL,
     F_SPILL,
     F_TARGETED,
+    HEADER_FORMAT,
     HEADER_SIZE,
     PREEMPTIVE_MTYPE,
     RESULT_MTYPE,
@@ -65,6 +68,7 @@ from .protocol import (
     flatten,
     parse,
     replace_route,
+    split_batch,
     split_task_body,
     targeted_mtype,
     task_body,
@@ -127,6 +131,8 @@ class StrandedTask:
 _RNG = random.SystemRandom()
 _RUNNING = _futures_base.RUNNING
 _PENDING = _futures_base.PENDING
+_CANCELLED_STATES = frozenset((_futures_base.CANCELLED,
+                               _futures_base.CANCELLED_AND_NOTIFIED))
 _DONE_STATES = frozenset((_futures_base.FINISHED, _futures_base.CANCELLED,
                           _futures_base.CANCELLED_AND_NOTIFIED))
 _LEN = struct.Struct("<I")
@@ -201,6 +207,22 @@ class MQFuture(Future):
         self.original_task_id: int | None = None
         self.original_pid: int | None = None
         self._mq_lock = lock
+
+    def set_result(self, result: Any) -> None:
+        """As ``concurrent.futures.Future.set_result`` (for the executor only),
+        without waking the shared Condition when nobody waits on it."""
+        cond = self._condition
+        with cond._lock:  # type: ignore[attr-defined]
+            if self._state in _DONE_STATES:
+                raise _futures_base.InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._state = _futures_base.FINISHED
+            for waiter in self._waiters:
+                waiter.add_result(self)
+            if cond._waiters:  # type: ignore[attr-defined]
+                cond.notify_all()
+        if self._done_callbacks:
+            self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def _wait(self, timeout: float | None) -> None:
         if self._state in _DONE_STATES:
@@ -301,17 +323,18 @@ def _spill_reference(task_message: bytes) -> str:
     return bytes(payload).decode("ascii", "replace")
 
 
-_NAMES: dict[Any, tuple[str, bytes]] = {}
+_NAMES: dict[Any, tuple[str, bytes, str | None]] = {}
 
 
-def _name_and_prefix(fn: Any) -> tuple[str, bytes]:
-    """``_fn_name(fn)`` and its task-body prefix, cached for hashable functions."""
+def _name_and_prefix(fn: Any) -> tuple[str, bytes, str | None]:
+    """``_fn_name(fn)``, its task-body prefix and ``codec.function_reference(fn)``,
+    cached for hashable functions."""
     try:
         return _NAMES[fn]
     except (KeyError, TypeError):
         pass
     name = _fn_name(fn)
-    entry = (name, task_body(name, b""))
+    entry = (name, task_body(name, b""), codec.function_reference(fn))
     try:
         if len(_NAMES) > 1024:
             _NAMES.clear()
@@ -410,7 +433,14 @@ class _PoolState:
         self.batch_of: dict[int, list[_WorkItem]] = {}
         self.batch_limit = 1  # tasks per message, adapted to the task rate
         self.batch_fixed = False
+        # A private queue gets at most `depth` messages at a time: the other
+        # tasks wait in the backlog, where they go out several to a message.
+        # A named queue takes all it can hold, so that its tasks outlive us.
+        self.hold_back = key is None
+        self.depth = 2 * max_workers
+        self.next_target = 0  # targeted mode: where the round-robin of ties resumes
         self.rate_mark = (time.monotonic(), 0)
+        self.busy_mark = (0, 0.0)  # tasks, seconds reported by workers
         self.shutdown_requested = False
         self.terminating = False
         self.broken: str | None = None
@@ -502,6 +532,8 @@ class _PoolState:
             spill_env=os.environ.get(spill.ENV_SPILL_DIR), allow=self.allow,
             swoole_handler=self.swoole_handler, authkey=self.authkey)
         self.board.idle(wid)
+        outbox.create(outbox.outbox_path(os.path.dirname(self.board.path), wid),
+                      msgmax() - HEADER_SIZE)
         p = self.ctx.Process(target=run_worker, args=(cfg,),
                              name=f"mqexecutor-worker-{wid}")
         p.start()
@@ -528,12 +560,23 @@ class _PoolState:
             p.join()
 
     # -- sending -------------------------------------------------------------------
+    def room(self) -> bool:
+        """Whether a message may go to the kernel queue now (see ``hold_back``)."""
+        if not self.hold_back:
+            return True
+        try:
+            return self.task_queue.current_messages < self.depth
+        except (sysv_ipc.Error, OSError):
+            return True  # let msgsnd report it
+
     def feed(self) -> bool:
         """Move tasks from the backlog to the kernel queue while there is room.
         Returns True when the backlog is empty."""
         with self.lock:
             backlog = self.backlog
             while backlog:
+                if not self.room():
+                    return False
                 item = backlog[0]
                 fut = item.future
                 if fut.cancelled():
@@ -587,21 +630,32 @@ class _PoolState:
         return True
 
     def send_batch(self) -> int:
-        """Send the consecutive small tasks at the head of the backlog in one
-        BATCH message (caller holds the lock). Returns how many were sent:
-        0 when the queue is full, 1 when only the head qualified (sent alone)."""
+        """Send small tasks from the head of the backlog in one BATCH message
+        (caller holds the lock): the consecutive ones of the head's message type,
+        and in targeted mode also those among tasks for other workers, which
+        keep their place. Returns how many were sent: 0 when the queue is full,
+        1 when only the head qualified (sent alone)."""
         backlog = self.backlog
         first = backlog[0]
         limit = self.inline_max + HEADER_SIZE - 64
         items: list[_WorkItem] = []
+        skipped: list[_WorkItem] = []
         size = 0
-        for item in itertools.islice(backlog, self.batch_limit):
+        scan = self.batch_limit * (self.max_workers if self.targeted else 1)
+        for item in itertools.islice(backlog, scan):
+            if item.mtype != first.mtype:
+                if not self.targeted:
+                    break
+                skipped.append(item)
+                continue
             msg = item.message
-            if (item.mtype != first.mtype or item.spill_ref is not None
-                    or item.future.cancelled() or size + 4 + len(msg) > limit):
+            if (item.spill_ref is not None or item.future._state in _CANCELLED_STATES
+                    or size + 4 + len(msg) > limit):
                 break
             items.append(item)
             size += 4 + len(msg)
+            if len(items) >= self.batch_limit:
+                break
         if len(items) < 2:
             try:
                 return 1 if self.send_now(first) and backlog.popleft() else 0
@@ -626,15 +680,22 @@ class _PoolState:
             if isinstance(exc, (sysv_ipc.Error, OSError)):
                 raise BrokenMQPool(f"the task queue is gone: {exc}") from None
             raise
-        for it in items:
+        for _ in range(len(items) + len(skipped)):
             backlog.popleft()
+        backlog.extendleft(reversed(skipped))
+        for it in items:
             it.attempts += 1
             self.batch_of[it.future.task_id] = items  # kept: may be sent again
         return len(items)
 
     def note_results(self, n: int) -> None:
         """Adapt how many tasks go in one message to the observed task rate:
-        enough to cover about 5 ms of work, at most 256 (the collector calls it)."""
+        enough to cover about 5 ms of work, at most 256 (the collector calls it).
+
+        The time a task takes is what workers report with their RESULT BATCH
+        messages (:meth:`note_busy`) when there were some since the last
+        estimate; else the time between results, which overstates it when
+        this process is the bottleneck."""
         if self.batch_fixed:
             return
         t0, c0 = self.rate_mark
@@ -645,10 +706,20 @@ class _PoolState:
         now = time.monotonic()
         elapsed = now - t0
         self.rate_mark = (now, 0)
-        if elapsed <= 0:
+        busy_tasks, busy_s = self.busy_mark
+        if busy_tasks:
+            self.busy_mark = (0, 0.0)
+            per_task = busy_s / busy_tasks
+        elif elapsed > 0:
+            per_task = elapsed * self.max_workers / count  # seconds of work per task
+        else:
             return
-        per_task = elapsed * self.max_workers / count  # seconds of work per task
         self.batch_limit = max(1, min(256, int(0.005 / max(per_task, 1e-7))))
+
+    def note_busy(self, tasks: int, seconds: float) -> None:
+        """A worker reports that ``tasks`` tasks took it ``seconds`` to run."""
+        n, busy = self.busy_mark
+        self.busy_mark = (n + tasks, busy + seconds)
 
     def forget(self, item: _WorkItem) -> None:
         """Drop a task that will not run (caller holds the lock)."""
@@ -797,9 +868,8 @@ def _collector_loop(state: _PoolState) -> None:
             return  # sent by the manager after the last worker exited
         handled = 0
         for more in range(255, -1, -1):
-            handled += 1
             try:
-                _handle_result(state, raw)
+                handled += _handle_message(state, raw)
             except BaseException:  # noqa: BLE001 - the collector must not die
                 traceback.print_exc()
             if not more:
@@ -817,7 +887,57 @@ def _collector_loop(state: _PoolState) -> None:
             state.wake()  # the manager waits for the last outcome to tear down
 
 
+def _handle_message(state: _PoolState, raw: bytes) -> int:
+    """Handle one message of the reply queue: a result, or a RESULT BATCH of
+    them (sent by a worker for the tasks of one BATCH). Returns how many
+    results it carried."""
+    if len(raw) >= HEADER_SIZE and raw[4] & F_BATCH and raw[:2] == b"MQ":
+        try:
+            h = unpack_header(raw)
+            inner = split_batch(memoryview(raw)[HEADER_SIZE:])
+        except ProtocolError as exc:
+            sys.stderr.write(f"mqexecutor: refused a message on the reply queue: {exc}\n")
+            return 0
+        if h.kind != Kind.RESULT or h.token != state.token:
+            return 0
+        for message in inner:  # each checked on its own (HMAC included)
+            _handle_result(state, message)
+        if h.task_id:  # microseconds the worker spent running these tasks
+            state.note_busy(len(inner), h.task_id / 1e6)
+        return len(inner)
+    _handle_result(state, raw)
+    return 1
+
+
+_HEADER = struct.Struct(HEADER_FORMAT)
+_PLAIN_RESULT = (b"MQ", WIRE_VERSION, int(Kind.RESULT))
+
+
 def _handle_result(state: _PoolState, raw: bytes) -> None:
+    # Fast path: a task's return value, inline, without HMAC (most results).
+    # Anything else, or anything odd, takes the checked path below.
+    if len(raw) >= HEADER_SIZE and state.authkey is None:
+        (magic, version, kind, flags, status, task_id, token, _reply, _pid, _worker,
+         length) = _HEADER.unpack_from(raw)
+        if ((magic, version, kind) == _PLAIN_RESULT and not flags and not status
+                and token == state.token and length == len(raw) - HEADER_SIZE):
+            item = state.pending.get(task_id)
+            if item is None:
+                return  # not ours anymore (e.g. cancelled at shutdown)
+            if not (item.keep and item.spill_ref) and state.journal is None:
+                if state.take(task_id) is None:
+                    return
+                state.completed += 1
+                try:
+                    value = pickle.loads(memoryview(raw)[HEADER_SIZE:])
+                except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
+                    _unpickling_failed(state, item.future, task_id, exc)
+                    return
+                try:
+                    item.future.set_result(value)
+                except _futures_base.InvalidStateError:
+                    pass  # cancelled or failed meanwhile
+                return
     try:
         h, body = parse(raw, state.authkey)
     except ProtocolError as exc:
@@ -853,20 +973,25 @@ def _handle_result(state: _PoolState, raw: bytes) -> None:
     try:
         value = codec.loads(body, spilled)
     except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
-        unpickle_err = ResultUnpicklingError(
-            f"the result of task {fut.task_id} ({fut.fn_name}) could not be unpickled: "
-            f"{type(exc).__name__}: {exc}")
-        unpickle_err.__cause__ = exc
-        try:
-            fut.set_exception(unpickle_err)
-        except _futures_base.InvalidStateError:
-            pass
-        if state.journal is not None:
-            state.journal.forget(state.token, h.task_id)
+        _unpickling_failed(state, fut, h.task_id, exc)
         return
     _set_outcome(item, fut, h.status, value, h.worker)
     if state.journal is not None:  # delivered: forget it
         state.journal.forget(state.token, h.task_id)
+
+
+def _unpickling_failed(state: _PoolState, fut: MQFuture, task_id: int,
+                       exc: BaseException) -> None:
+    unpickle_err = ResultUnpicklingError(
+        f"the result of task {fut.task_id} ({fut.fn_name}) could not be unpickled: "
+        f"{type(exc).__name__}: {exc}")
+    unpickle_err.__cause__ = exc
+    try:
+        fut.set_exception(unpickle_err)
+    except _futures_base.InvalidStateError:
+        pass
+    if state.journal is not None:
+        state.journal.forget(state.token, task_id)
 
 
 def _worker_died(state: _PoolState, task_id: int, body: Any, spilled: bool) -> None:
@@ -879,12 +1004,23 @@ def _worker_died(state: _PoolState, task_id: int, body: Any, spilled: bool) -> N
                                     f"({exc!r})", task_id=task_id)
     with state.lock:
         again: list[_WorkItem] = []
+        lost: list[_WorkItem] = []
         batch = state.batch_of.get(task_id)
         if batch is not None:
             ids = [it.future.task_id for it in batch]
-            rest = batch[ids.index(task_id) + 1:] if task_id in ids else []
-            again = [it for it in rest if it.future.task_id in state.pending
+            at = ids.index(task_id) if task_id in ids else len(batch)
+            again = [it for it in batch[at + 1:] if it.future.task_id in state.pending
                      and not it.future.done() and it.message]
+            # Tasks before it in the batch ran, but their results were still in
+            # the worker's outbox: run them again if they have retries left.
+            for it in batch[:at]:
+                if it.future.task_id not in state.pending or it.future.done():
+                    continue
+                if it.retries > 0 and it.message:
+                    it.retries -= 1
+                    again.append(it)
+                else:
+                    lost.append(state.take(it.future.task_id) or it)
         item = state.pending.get(task_id)
         if item is not None and not item.future.done() and item.retries > 0 and item.message:
             item.retries -= 1  # run it again (retries=)
@@ -898,8 +1034,19 @@ def _worker_died(state: _PoolState, task_id: int, body: Any, spilled: bool) -> N
     if again:
         state.feed()
         state.wake()
+    for it in lost:
+        reason = err.args[0] if isinstance(err, BaseException) and err.args else str(err)
+        _fail_item(state, it, TerminatedWorkerError(
+            f"task {it.future.task_id} ran, but its result was lost: {reason}",
+            worker_id=getattr(err, "worker_id", -1), pid=getattr(err, "pid", 0),
+            exitcode=getattr(err, "exitcode", None), task_id=it.future.task_id))
     if item is None or item.future.done():
         return
+    _fail_item(state, item, err)
+
+
+def _fail_item(state: _PoolState, item: _WorkItem, err: BaseException) -> None:
+    """Fail the Future of a task whose worker died (already taken from pending)."""
     fut = item.future
     if isinstance(err, TerminatedWorkerError):
         err.fn_name = fut.fn_name
@@ -908,7 +1055,7 @@ def _worker_died(state: _PoolState, task_id: int, body: Any, spilled: bool) -> N
     if item.spill_ref and item.keep:
         spill.discard(item.spill_ref)
     if state.journal is not None:
-        state.journal.forget(state.token, task_id)
+        state.journal.forget(state.token, fut.task_id)
     try:
         fut.set_exception(err)
     except _futures_base.InvalidStateError:
@@ -936,6 +1083,7 @@ def _worker_exited(state: _PoolState, wid: int) -> None:
     assert state.board is not None
     slot = state.board.read(wid)
     state.board.idle(wid)
+    _deliver_outbox(state, wid)
     if slot.state == BUSY:
         # The notice travels on the producer's reply queue, behind any result
         # the worker sent before dying, so a task that did complete is never
@@ -965,6 +1113,22 @@ def _queue_exists(state: _PoolState) -> bool:
         return True
 
 
+def _deliver_outbox(state: _PoolState, wid: int) -> None:
+    """Send on the results a dead worker still held in its outbox (see
+    :mod:`mqexecutor.outbox`), ahead of the notice of its death."""
+    assert state.board is not None
+    got = outbox.drain(outbox.outbox_path(os.path.dirname(state.board.path), wid))
+    if got is None:
+        return
+    route, messages = got
+    if len(messages) == 1:
+        message = messages[0]
+    else:
+        message = build(Kind.RESULT, F_BATCH, 0, 0, route.token, 0, state.pid, wid,
+                        b"".join(_LEN.pack(len(m)) + m for m in messages))
+    _send_to_producer(state, route.token, route.reply, route.pid, message)
+
+
 def _tell_producer(state: _PoolState, wid: int, p: Any, slot: Any, reason: str) -> None:
     """Tell the producer of the task a dead worker was running (this executor,
     or another process that attached) through its reply queue."""
@@ -975,18 +1139,28 @@ def _tell_producer(state: _PoolState, wid: int, p: Any, slot: Any, reason: str) 
     try:
         body, spilled = codec.dumps(err, state.inline_max,
                                     spill.producer_subdir(slot.producer_pid, slot.token))
-        msg = build(Kind.RESULT, F_SPILL if spilled else 0, Status.WORKER_DIED,
-                    slot.task_id, slot.token, 0, p.pid or 0, wid, body, state.authkey)
-        queue = (state.reply_queue if slot.token == state.token
-                 else queues.open_queue(slot.reply, create=False))
+    except OSError:
+        return
+    msg = build(Kind.RESULT, F_SPILL if spilled else 0, Status.WORKER_DIED,
+                slot.task_id, slot.token, 0, p.pid or 0, wid, body, state.authkey)
+    _send_to_producer(state, slot.token, slot.reply, slot.producer_pid, msg)
+
+
+def _send_to_producer(state: _PoolState, token: int, reply: int, producer_pid: int,
+                      message: bytes) -> None:
+    """Put ``message`` on the reply queue of a producer (this executor, or
+    another process that attached); waits up to 2 s for room."""
+    try:
+        queue = (state.reply_queue if token == state.token
+                 else queues.open_queue(reply, create=False))
     except (sysv_ipc.Error, OSError):
         return
     for _ in range(400):  # the producer's collector drains its queue: room comes
         try:
-            queue.send(msg, block=False, type=RESULT_MTYPE)
+            queue.send(message, block=False, type=RESULT_MTYPE)
             return
         except sysv_ipc.BusyError:
-            if slot.token != state.token and not persistence.pid_alive(slot.producer_pid):
+            if token != state.token and not persistence.pid_alive(producer_pid):
                 return
             time.sleep(0.005)
         except sysv_ipc.Error:
@@ -1637,18 +1811,23 @@ class MQExecutor(Executor):
             raise TypeError(f"{fn!r} is not callable")
         if retries is None:
             retries = state.retries
-        name, prefix = _name_and_prefix(fn)
+        name, prefix, reference = _name_and_prefix(fn)
         fut = MQFuture(0, name, state.lock, state.condition)
         keep = retries > 0 or state.journal is not None
+        flags = F_TARGETED if state.targeted else 0
+        call: Any = fn
+        if reference is not None and not codec.by_value_registry():
+            call = reference  # pickled once, as a reference
+            flags |= F_FN_REF
         try:
             room = state.inline_max - len(prefix)
-            body, spilled = codec.dumps((fn, args, kwargs), room, state.task_subdir)
+            body, spilled = codec.dumps((call, args, kwargs), room, state.task_subdir)
         except Exception as exc:  # noqa: BLE001 - fails the Future, as ProcessPoolExecutor
             fut.set_exception(exc)
             return fut
         spill_ref = body.decode("ascii") if spilled else None
-        flags = ((F_SPILL if spilled else 0) | (F_TARGETED if state.targeted else 0)
-                 | (F_KEEP_SPILL if keep and spilled else 0))
+        if spilled:
+            flags |= F_SPILL | (F_KEEP_SPILL if keep else 0)
         with state.lock:
             try:
                 self._check_open()
@@ -1660,8 +1839,16 @@ class MQExecutor(Executor):
             fut.task_id = task_id
             if state.targeted:
                 if target is None:
+                    # The least busy worker; ties go round-robin.
                     out = state.outstanding
-                    target = min(range(len(out)), key=out.__getitem__)
+                    low = min(out)
+                    n = len(out)
+                    target = state.next_target
+                    for _ in range(n):
+                        if out[target] == low:
+                            break
+                        target = (target + 1) % n
+                    state.next_target = (target + 1) % n
                 state.outstanding[target] += 1
                 fut.worker_id = target
                 mtype, worker = targeted_mtype(target), target
@@ -1682,7 +1869,7 @@ class MQExecutor(Executor):
                     raise
             state.pending[task_id] = item
             try:
-                if not state.backlog and state.send_now(item):
+                if not state.backlog and state.room() and state.send_now(item):
                     return fut
             except BaseException:  # BrokenMQPool, or e.g. KeyboardInterrupt in msgsnd
                 state.forget(item)

@@ -34,8 +34,9 @@ __all__ = [
     "MAGIC", "WIRE_VERSION", "HEADER_FORMAT", "HEADER_SIZE", "Kind", "Flag", "Status",
     "Header", "ProtocolError", "pack_header", "unpack_header", "PREEMPTIVE_MTYPE",
     "RESULT_MTYPE", "CONTROL_MTYPE", "targeted_mtype", "task_body", "split_task_body",
-    "replace_route", "build", "parse", "AuthError", "TAG_SIZE", "split_batch", "flatten",
-    "F_SPILL", "F_TARGETED", "F_BATCH", "F_AUTH", "F_KEEP_SPILL",
+    "task_payload", "replace_route", "build", "parse", "AuthError", "TAG_SIZE", "split_batch",
+    "flatten",
+    "F_SPILL", "F_TARGETED", "F_BATCH", "F_AUTH", "F_KEEP_SPILL", "F_FN_REF",
 ]
 
 MAGIC = b"MQ"
@@ -89,6 +90,10 @@ class Flag(enum.IntFlag):
     #: once the outcome is in, since it may need to send the task again
     #: (retries, durable mode).
     KEEP_SPILL = 0x0010
+    #: The payload pickles ``("module:qualname", args, kwargs)``: the function
+    #: comes as a reference the producer makes once per function and the worker
+    #: resolves once (import the module, look the name up, as unpickling does).
+    FN_REF = 0x0020
 
 
 class Status(enum.IntEnum):
@@ -115,6 +120,7 @@ F_TARGETED = int(Flag.TARGETED)
 F_BATCH = int(Flag.BATCH)
 F_AUTH = int(Flag.AUTH)
 F_KEEP_SPILL = int(Flag.KEEP_SPILL)
+F_FN_REF = int(Flag.FN_REF)
 
 
 class ProtocolError(ValueError):
@@ -177,6 +183,22 @@ def split_task_body(body: bytes | memoryview) -> tuple[str, memoryview]:
     return bytes(view[2:2 + n]).decode("utf-8", "replace"), view[2 + n:]
 
 
+def task_payload(body: bytes | memoryview) -> memoryview:
+    """The payload of a TASK body, past the function name (see :func:`task_body`).
+
+    Raises:
+        ProtocolError: the name length runs past the end of the body.
+    """
+    view = memoryview(body)
+    if len(view) < 2:
+        raise ProtocolError("task body shorter than its name length field")
+    n = 2 + (view[0] | view[1] << 8)
+    if n > len(view):
+        raise ProtocolError(f"task body of {len(view)} bytes cannot hold a "
+                            f"{n - 2}-byte function name")
+    return view[n:]
+
+
 def unpack_header(data: bytes | memoryview) -> Header:
     """Decode and check the header at the start of ``data``.
 
@@ -195,13 +217,16 @@ def unpack_header(data: bytes | memoryview) -> Header:
     if version != WIRE_VERSION:
         raise ProtocolError(f"wire version {version} is not supported "
                             f"(this mqexecutor speaks version {WIRE_VERSION})")
-    if kind not in (Kind.TASK, Kind.RESULT):
+    if kind != 1 and kind != 2:  # Kind.TASK, Kind.RESULT
         raise ProtocolError(f"unknown message kind {kind}")
     if length != len(data) - HEADER_SIZE:
         raise ProtocolError(f"header says {length} body bytes, message has "
                             f"{len(data) - HEADER_SIZE}")
-    return Header(kind, flags, status, task_id, token, reply, pid, worker, length,
-                  version)
+    return _new_header(Header, (kind, flags, status, task_id, token, reply, pid, worker,
+                                length, version))
+
+
+_new_header = tuple.__new__  # Header(...) without NamedTuple's Python-level __new__
 
 
 _LEN = struct.Struct("<I")

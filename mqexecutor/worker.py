@@ -27,6 +27,7 @@ import os
 import pickle
 import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -35,10 +36,11 @@ from typing import Any
 
 import sysv_ipc
 
-from . import codec, deadletter, persistence, spill
+from . import codec, deadletter, outbox, persistence, spill
 from .limits import msgmax
 from .protocol import (
     F_BATCH,
+    F_FN_REF,
     F_KEEP_SPILL,
     F_SPILL,
     F_TARGETED,
@@ -50,10 +52,12 @@ from .protocol import (
     build,
     parse,
     split_batch,
-    split_task_body,
+    task_payload,
     unpack_header,
 )
 from .scoreboard import Scoreboard
+
+_LEN = struct.Struct("<I")
 
 __all__ = ["worker_id", "current_task_id", "WorkerConfig", "run_worker", "EXIT_INIT_FAILED"]
 
@@ -359,6 +363,89 @@ def _report(message: str) -> None:
         pass
 
 
+def _discard_spill(message: bytes) -> None:
+    """Unlink the spill file a RESULT message that will never be read names."""
+    try:
+        h, body = parse(message)
+    except ProtocolError:
+        return
+    if h.flags & F_SPILL:
+        spill.discard(bytes(body).decode("ascii", "replace"))
+
+
+class _Outbox:
+    """The results of one BATCH message's tasks, sent together in RESULT BATCH
+    messages (see :mod:`mqexecutor.outbox`, which keeps them in a file until
+    they are sent, for the owner to deliver if this worker dies).
+
+    Results are sent when the next would not fit in one message, before a task
+    starts once the oldest waiting result is ``FLUSH_AGE`` seconds old, and when
+    the batch ends."""
+
+    #: Seconds a result may wait for others before it is sent (checked between tasks).
+    FLUSH_AGE = 0.001
+
+    def __init__(self, worker: _Worker, path: str):
+        self.worker = worker
+        self.box: outbox.Outbox | None
+        try:
+            self.box = outbox.Outbox(path)
+        except (OSError, ValueError):
+            self.box = None  # no file from the owner: results are sent one by one
+        self.limit = msgmax() - HEADER_SIZE
+        if self.box is not None:
+            self.limit = min(self.limit, self.box.capacity)
+        self.messages: list[bytes] = []
+        self.size = 0
+        self.since = 0.0
+        self.busy = 0.0  # seconds spent running the tasks of the waiting results
+        self.route = outbox.Route(0, 0, 0)
+
+    def add(self, reply: int, pid: int, token: int, message: bytes, busy: float) -> None:
+        """Keep (or send) the result ``message`` of a task that ran ``busy`` seconds."""
+        route = outbox.Route(reply, pid, token)
+        if self.box is None or 4 + len(message) > self.limit:
+            self.flush()
+            self.send(route, message, [message])
+            return
+        if self.messages and (route != self.route or self.size + 4 + len(message) > self.limit):
+            self.flush()
+        if not self.messages:
+            self.route = route
+            self.since = time.monotonic()
+        self.box.add(route, message)
+        self.messages.append(message)
+        self.size += 4 + len(message)
+        self.busy += busy
+
+    def due(self) -> bool:
+        return bool(self.messages) and time.monotonic() - self.since >= self.FLUSH_AGE
+
+    def flush(self) -> None:
+        messages = self.messages
+        if not messages:
+            return
+        self.messages = []
+        self.size = 0
+        busy_us = min(int(self.busy * 1e6), 2**63) or 1
+        self.busy = 0.0
+        if len(messages) == 1:
+            message = messages[0]
+        else:  # the inner messages carry their own HMAC: the outer header none;
+            # its task id field tells how long the tasks ran (microseconds)
+            message = build(Kind.RESULT, F_BATCH, 0, busy_us, self.route.token, 0,
+                            os.getpid(), self.worker.cfg.worker_id,
+                            b"".join(_LEN.pack(len(m)) + m for m in messages))
+        self.send(self.route, message, messages)
+        if self.box is not None:
+            self.box.clear()
+
+    def send(self, route: outbox.Route, message: bytes, inner: list[bytes]) -> None:
+        if not self.worker.replier.send(route.reply, message, route.pid, route.token):
+            for m in inner:
+                _discard_spill(m)
+
+
 class _Worker:
     def __init__(self, cfg: WorkerConfig):
         self.cfg = cfg
@@ -369,6 +456,9 @@ class _Worker:
         self.mtype = cfg.worker_id + 1 if cfg.targeted else 0
         self.rejected = 0
         self.done = 0  # tasks run, for max_tasks_per_child
+        self.subdirs: dict[tuple[int, int], str] = {}  # (pid, token) -> spill subdir
+        self.outbox = _Outbox(self, outbox.outbox_path(os.path.dirname(cfg.scoreboard_path),
+                                                       cfg.worker_id))
         self.swoole = None
         if cfg.swoole_handler:
             from . import swoole
@@ -458,7 +548,8 @@ class _Worker:
         """Run the tasks of a BATCH message in order. The slot moves from one
         task to the next without going idle, so a death between two tasks still
         names one of them and the producer re-sends the rest. A stop request or
-        max_tasks_per_child between two tasks puts the rest back in the queue."""
+        max_tasks_per_child between two tasks puts the rest back in the queue.
+        Results go back together (:class:`_Outbox`)."""
         try:
             h = unpack_header(raw)
             inner = split_batch(memoryview(raw)[HEADER_SIZE:])
@@ -466,34 +557,43 @@ class _Worker:
             self.reject(raw, f"bad batch: {exc}")
             return
         mtype = self.cfg.worker_id + 1 if h.flags & F_TARGETED else 1
+        results = self.outbox
         try:
             for i, message in enumerate(inner):
                 if _stop or (self.cfg.max_tasks and self.done >= self.cfg.max_tasks):
+                    results.flush()
                     for rest in inner[i:]:
                         self.requeue(rest, mtype)
                     return
-                self.handle_task(message)
+                if results.due():
+                    results.flush()
+                self.handle_task(message, results)
                 self.done += 1
         finally:
+            results.flush()
             self.board.idle(self.cfg.worker_id)
 
-    def handle_task(self, raw: bytes) -> None:
-        """Run one TASK message and send its outcome. Leaves the slot busy
-        (the caller marks it idle)."""
+    def handle_task(self, raw: bytes, results: _Outbox | None = None) -> None:
+        """Run one TASK message and send its outcome, or leave it in ``results``.
+        Leaves the slot busy (the caller marks it idle)."""
         global _task_id
         cfg = self.cfg
         try:
             h, body = parse(raw, cfg.authkey)
             if h.kind != Kind.TASK:
                 raise ProtocolError(f"kind {h.kind} is not a task")
-            _name, body = split_task_body(body)
+            body = task_payload(body)
         except ProtocolError as exc:
             self.reject(raw, str(exc))
             return
         if h.reply == 0:
             self.reject(raw, "reply key 0 (IPC_PRIVATE) names no queue: refused")
             return
-        subdir = spill.producer_subdir(h.pid, h.token)
+        subdir = self.subdirs.get((h.pid, h.token))
+        if subdir is None:
+            if len(self.subdirs) > 256:
+                self.subdirs.clear()
+            subdir = self.subdirs[h.pid, h.token] = spill.producer_subdir(h.pid, h.token)
         spilled = bool(h.flags & F_SPILL)
         keep = bool(h.flags & F_KEEP_SPILL)
         if bool(h.flags & F_TARGETED) != cfg.targeted:
@@ -509,29 +609,34 @@ class _Worker:
             self.replier.send(h.reply, msg, h.pid, h.token)
             return
         self.board.busy(cfg.worker_id, h.task_id, h.token, h.reply, h.pid)
+        ran = 0.0
         try:
             try:
                 fn, args, kwargs = codec.loads(body, spilled, keep=keep)
+                if h.flags & F_FN_REF:
+                    fn = codec.load_function(fn)
             except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
                 status, outcome = Status.BAD_TASK, (exc, _format_exc(exc))
                 self.reject(raw, f"task {h.task_id} could not be read: "
                                  f"{type(exc).__name__}: {exc}")
             else:
                 _task_id = h.task_id
+                started = time.perf_counter()
                 try:
                     status, outcome = Status.OK, fn(*args, **kwargs)
                 except BaseException as exc:  # noqa: BLE001 - as ProcessPoolExecutor
                     status, outcome = Status.RAISED, (exc, _format_exc(exc))
                 finally:
                     _task_id = None
+                    ran = time.perf_counter() - started
                 del fn, args, kwargs
             msg = _encode_outcome(status, h.task_id, h.token, cfg.worker_id, outcome,
                                   self.inline_max, subdir, cfg.authkey)
             del outcome
-            if not self.replier.send(h.reply, msg, h.pid, h.token):
-                m, mbody = parse(msg)
-                if m.flags & F_SPILL:
-                    spill.discard(bytes(mbody).decode("ascii", "replace"))
+            if results is not None:
+                results.add(h.reply, h.pid, h.token, msg, ran)
+            elif not self.replier.send(h.reply, msg, h.pid, h.token):
+                _discard_spill(msg)
         finally:
             _task_id = None
 
