@@ -14,6 +14,7 @@ an executor that is garbage-collected shuts down as ProcessPoolExecutor does):
 """
 from __future__ import annotations
 
+import _thread
 import collections
 import enum
 import errno
@@ -150,6 +151,30 @@ class Mode(enum.IntEnum):
     PREEMPTIVE = 3
 
 
+class _FutureLock(_thread.RLock):  # type: ignore[misc,valid-type]
+    """What an MQFuture has as ``_condition``: a reentrant lock, as
+    ``concurrent.futures.wait`` and ``as_completed`` take it, whose
+    ``notify_all`` does nothing (see MQFuture)."""
+
+    __slots__ = ()
+
+    def notify_all(self) -> None:
+        pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """As ``Condition.wait`` never notified: times out. MQFuture's own
+        ``result(timeout)`` calls ``Future.result(0)`` once it is done."""
+        if timeout is None:
+            raise RuntimeError("an MQFuture is waited on through result() or exception()")
+        if timeout > 0:
+            state = self._release_save()  # type: ignore[attr-defined]
+            try:
+                time.sleep(timeout)
+            finally:
+                self._acquire_restore(state)  # type: ignore[attr-defined]
+        return False
+
+
 class _ResultWaiter:
     """What ``MQFuture.result()``/``exception()`` block on: a lock released once
     the Future is done. It sits in the Future's ``_waiters`` list, beside those
@@ -182,18 +207,16 @@ class MQFuture(Future):
     State follows ProcessPoolExecutor: PENDING while the task waits in this
     process (``cancel()`` succeeds), RUNNING once it is in the kernel queue.
 
-    The Futures of one executor share one ``threading.Condition`` (a Condition
-    per Future is 8 objects for the garbage collector to scan, which made up half
-    the cost of ``submit()`` with 100k tasks pending); ``result()`` and
-    ``exception()`` wait on a lock of their own instead, so completing one Future
-    wakes only its own waiters.
+    In place of the ``threading.Condition`` of a Future (8 objects for the
+    garbage collector to scan, which made up half the cost of ``submit()`` with
+    100k tasks pending), each MQFuture has a bare reentrant lock: ``result()``
+    and ``exception()`` sleep on a lock of their own (``_ResultWaiter``), so the
+    Condition's wait and notify are never needed.
     """
 
-    def __init__(self, task_id: int = 0, fn_name: str = "", lock: Any = None,
-                 condition: threading.Condition | None = None):
-        # The attributes of Future.__init__ (the same from Python 3.8 to 3.14),
-        # without a Condition of its own when the executor gives one.
-        self._condition = condition if condition is not None else threading.Condition()
+    def __init__(self, task_id: int = 0, fn_name: str = "", lock: Any = None):
+        # The attributes of Future.__init__ (the same from Python 3.8 to 3.14).
+        self._condition = _FutureLock()  # type: ignore[assignment]
         self._state = _PENDING
         self._result = None
         self._exception = None
@@ -209,24 +232,40 @@ class MQFuture(Future):
         self._mq_lock = lock
 
     def set_result(self, result: Any) -> None:
-        """As ``concurrent.futures.Future.set_result`` (for the executor only),
-        without waking the shared Condition when nobody waits on it."""
-        cond = self._condition
-        with cond._lock:  # type: ignore[attr-defined]
+        """As ``concurrent.futures.Future.set_result`` (for the executor only)."""
+        with self._condition:
             if self._state in _DONE_STATES:
                 raise _futures_base.InvalidStateError(f"{self._state}: {self!r}")
             self._result = result
             self._state = _futures_base.FINISHED
             for waiter in self._waiters:
                 waiter.add_result(self)
-            if cond._waiters:  # type: ignore[attr-defined]
-                cond.notify_all()
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]
+
+    def done(self) -> bool:
+        """As ``Future.done`` (reads the state without taking the Condition)."""
+        return self._state in _DONE_STATES
+
+    def cancelled(self) -> bool:
+        """As ``Future.cancelled``."""
+        return self._state in _CANCELLED_STATES
+
+    def running(self) -> bool:
+        """As ``Future.running``."""
+        return self._state == _RUNNING
 
     def _wait(self, timeout: float | None) -> None:
         if self._state in _DONE_STATES:
             return
+        if timeout is None or timeout >= SPIN_SECONDS:
+            deadline = time.monotonic() + SPIN_SECONDS
+            while time.monotonic() < deadline:
+                os.sched_yield()  # releases the GIL for the collector
+                if self._state in _DONE_STATES:
+                    return
+            if timeout is not None:
+                timeout -= SPIN_SECONDS
         waiter = _ResultWaiter()
         with self._condition:
             if self._state in _DONE_STATES:
@@ -421,8 +460,6 @@ class _PoolState:
         self.abandon = False
         self.completed = 0
         self.lock = threading.RLock()
-        # Shared by the Futures of this executor (see MQFuture).
-        self.condition = threading.Condition(threading.RLock())
         self.backlog: collections.deque[_WorkItem] = collections.deque()
         self.pending: dict[int, _WorkItem] = {}
         self.outstanding = [0] * max_workers
@@ -438,7 +475,7 @@ class _PoolState:
         # A named queue takes all it can hold, so that its tasks outlive us.
         self.hold_back = key is None
         self.depth = 2 * max_workers
-        self.next_target = 0  # targeted mode: where the round-robin of ties resumes
+        self.last_target = 0  # targeted mode: the worker chosen last by submit()
         self.rate_mark = (time.monotonic(), 0)
         self.busy_mark = (0, 0.0)  # tasks, seconds reported by workers
         self.shutdown_requested = False
@@ -562,8 +599,8 @@ class _PoolState:
     # -- sending -------------------------------------------------------------------
     def room(self) -> bool:
         """Whether a message may go to the kernel queue now (see ``hold_back``)."""
-        if not self.hold_back:
-            return True
+        if not self.hold_back or len(self.pending) - len(self.backlog) < self.depth:
+            return True  # fewer tasks out than `depth`: fewer messages too
         try:
             return self.task_queue.current_messages < self.depth
         except (sysv_ipc.Error, OSError):
@@ -849,9 +886,11 @@ def _collector_loop(state: _PoolState) -> None:
     """Drain the reply queue for good: complete Futures, refill the task queue."""
     queue = state.reply_queue
     assert queue is not None
+    spin = False
     while True:
+        got = _spin_receive(queue, SPIN_SECONDS) if spin else None
         try:
-            raw, _mtype = queue.receive()
+            raw, _mtype = got or queue.receive()
         except sysv_ipc.ExistentialError:
             return  # the reply queue was removed: shutdown is complete
         except sysv_ipc.Error:
@@ -885,6 +924,32 @@ def _collector_loop(state: _PoolState) -> None:
             state.feed()
         if state.shutdown_requested and not state.pending:
             state.wake()  # the manager waits for the last outcome to tear down
+        # A few tasks out and none waiting here: the next result is likely
+        # close, and polling for it beats being woken (about 30 us here).
+        spin = not state.backlog and 0 < len(state.pending) <= state.max_workers
+
+
+#: Seconds a thread polls for what it waits for before it blocks (collector,
+#: task workers, MQFuture.result). Waking from a blocking msgrcv or lock costs
+#: tens of microseconds; polling that long with sched_yield costs little.
+SPIN_SECONDS = 0.0002
+
+
+def _spin_receive(queue: sysv_ipc.MessageQueue, seconds: float,
+                  mtype: int = 0) -> tuple[bytes, int] | None:
+    """Poll ``queue`` (msgrcv with IPC_NOWAIT) for up to ``seconds``, yielding
+    the CPU between tries. Returns the message, or None (nothing came, or an
+    error the caller's blocking receive will meet again)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return queue.receive(block=False, type=mtype)
+        except sysv_ipc.BusyError:
+            if time.monotonic() >= deadline:
+                return None
+            os.sched_yield()
+        except (sysv_ipc.Error, OSError):
+            return None
 
 
 def _handle_message(state: _PoolState, raw: bytes) -> int:
@@ -1653,7 +1718,7 @@ class MQExecutor(Executor):
                 except ProtocolError as exc:
                     deadletter.record(self._key, raw, f"not adopted: {exc}", None)
                     continue
-                fut = MQFuture(task_id, name, state.lock, state.condition)
+                fut = MQFuture(task_id, name, state.lock)
                 fut.original_task_id = h.task_id
                 fut.original_pid = h.pid
                 worker = h.worker if state.targeted else -1
@@ -1812,7 +1877,7 @@ class MQExecutor(Executor):
         if retries is None:
             retries = state.retries
         name, prefix, reference = _name_and_prefix(fn)
-        fut = MQFuture(0, name, state.lock, state.condition)
+        fut = MQFuture(0, name, state.lock)
         keep = retries > 0 or state.journal is not None
         flags = F_TARGETED if state.targeted else 0
         call: Any = fn
@@ -1839,16 +1904,13 @@ class MQExecutor(Executor):
             fut.task_id = task_id
             if state.targeted:
                 if target is None:
-                    # The least busy worker; ties go round-robin.
+                    # The least busy worker; on a tie the one used last, which
+                    # may still be polling for its next task (SPIN_SECONDS).
                     out = state.outstanding
-                    low = min(out)
-                    n = len(out)
-                    target = state.next_target
-                    for _ in range(n):
-                        if out[target] == low:
-                            break
-                        target = (target + 1) % n
-                    state.next_target = (target + 1) % n
+                    target = state.last_target
+                    if out[target] != min(out):
+                        target = state.last_target = min(range(len(out)),
+                                                          key=out.__getitem__)
                 state.outstanding[target] += 1
                 fut.worker_id = target
                 mtype, worker = targeted_mtype(target), target

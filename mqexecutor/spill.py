@@ -332,6 +332,19 @@ def remove_subdir(subdir: str) -> None:
         shutil.rmtree(os.path.join(root, subdir), ignore_errors=True)
 
 
+def remove_if_empty(subdir: str) -> None:
+    """Remove ``subdir`` under every spill root where it holds no file (never
+    raises): a worker that spilled a result for a producer that turned out dead
+    re-created its directory."""
+    if not _NAME_RE.fullmatch(subdir) or ".." in subdir:
+        return
+    for root in spill_roots():
+        try:
+            os.rmdir(os.path.join(root, subdir))
+        except OSError:
+            pass
+
+
 def list_files(subdir: str | None = None) -> list[str]:
     """Paths of the spill files present (all, or those of ``subdir``)."""
     found: list[str] = []

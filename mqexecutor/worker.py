@@ -61,6 +61,9 @@ _LEN = struct.Struct("<I")
 
 __all__ = ["worker_id", "current_task_id", "WorkerConfig", "run_worker", "EXIT_INIT_FAILED"]
 
+#: Seconds a worker polls the task queue after a task before it blocks in
+#: msgrcv: a task sent within that time is taken without a wake-up.
+SPIN_SECONDS = 0.0002
 #: Exit status of a worker whose initializer raised.
 EXIT_INIT_FAILED = 3
 STOP_SIGNAL = signal.SIGUSR1
@@ -216,8 +219,10 @@ class _Liveness:
             self._fds[pid] = fd
             self._polls[pid] = poller
         if poller.poll(0):
+            # That process exited. The pid may have been given to a new
+            # producer since: ask again with a fresh pidfd.
             self.forget(pid)
-            return False
+            return self.alive(pid) if _alive(pid) else False
         return True
 
     def forget(self, pid: int) -> None:
@@ -363,14 +368,27 @@ def _report(message: str) -> None:
         pass
 
 
-def _discard_spill(message: bytes) -> None:
-    """Unlink the spill file a RESULT message that will never be read names."""
+def _discard_spill(message: bytes) -> bool:
+    """Unlink the spill file a RESULT message that will never be read names.
+    Returns whether it named one."""
     try:
         h, body = parse(message)
     except ProtocolError:
-        return
+        return False
     if h.flags & F_SPILL:
         spill.discard(bytes(body).decode("ascii", "replace"))
+        return True
+    return False
+
+
+def _drop_results(messages: list[bytes], pid: int, token: int) -> None:
+    """Results that could not be sent: unlink their spill files, and the
+    producer's spill directory if that left it empty (spilling re-created it)."""
+    spilled = False
+    for m in messages:
+        spilled = _discard_spill(m) or spilled
+    if spilled:
+        spill.remove_if_empty(spill.producer_subdir(pid, token))
 
 
 class _Outbox:
@@ -442,8 +460,7 @@ class _Outbox:
 
     def send(self, route: outbox.Route, message: bytes, inner: list[bytes]) -> None:
         if not self.worker.replier.send(route.reply, message, route.pid, route.token):
-            for m in inner:
-                _discard_spill(m)
+            _drop_results(inner, route.pid, route.token)
 
 
 class _Worker:
@@ -457,6 +474,7 @@ class _Worker:
         self.rejected = 0
         self.done = 0  # tasks run, for max_tasks_per_child
         self.subdirs: dict[tuple[int, int], str] = {}  # (pid, token) -> spill subdir
+        self.spin = False  # poll before blocking in the next receive
         self.outbox = _Outbox(self, outbox.outbox_path(os.path.dirname(cfg.scoreboard_path),
                                                        cfg.worker_id))
         self.swoole = None
@@ -480,6 +498,18 @@ class _Worker:
             return False
 
     def receive(self) -> tuple[bytes, int] | None:
+        if self.spin:  # right after a task: the next one may be close
+            self.spin = False
+            deadline = time.monotonic() + SPIN_SECONDS
+            while not _stop:
+                try:
+                    return self.queue.receive(block=False, type=self.mtype)
+                except sysv_ipc.BusyError:
+                    if time.monotonic() >= deadline:
+                        break
+                    os.sched_yield()
+                except (sysv_ipc.Error, OSError):
+                    break  # met again below
         while not _stop:
             try:
                 return self.queue.receive(type=self.mtype)
@@ -636,7 +666,7 @@ class _Worker:
             if results is not None:
                 results.add(h.reply, h.pid, h.token, msg, ran)
             elif not self.replier.send(h.reply, msg, h.pid, h.token):
-                _discard_spill(msg)
+                _drop_results([msg], h.pid, h.token)
         finally:
             _task_id = None
 
@@ -665,6 +695,7 @@ class _Worker:
                 self.requeue(raw, mtype)
                 break
             self.handle(raw)
+            self.spin = True
             if self.cfg.max_tasks and self.done >= self.cfg.max_tasks:
                 break
         if _owner_dead:

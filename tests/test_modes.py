@@ -70,11 +70,29 @@ def test_plain_submit_picks_least_loaded_worker(tmp_path):
         assert blocker.result(timeout=10)[0] == 0
 
 
-def test_plain_submit_spreads_over_idle_workers():
+def test_plain_submit_spreads_over_idle_workers(tmp_path):
+    # Tasks that wait on a gate stay outstanding, so the least busy worker
+    # alternates: 3 each, whatever the timing.
+    gate = Gate(tmp_path)
     with pool(max_workers=2, mode=Mode.TARGETED) as ex:
-        fs = [ex.submit(square, i) for i in range(10)]
-        assert {f.worker_id for f in fs} == {0, 1}
-        assert [f.result(timeout=10) for f in fs] == [i * i for i in range(10)]
+        try:
+            fs = [ex.submit(gated, gate.path, gate.started_dir, i, i) for i in range(6)]
+            assert sorted(f.worker_id for f in fs) == [0, 0, 0, 1, 1, 1]
+        finally:
+            gate.open()
+        assert [f.result(timeout=10) for f in fs] == list(range(6))
+
+
+def test_plain_submit_prefers_the_worker_used_last_when_all_are_idle():
+    # Sequential submit().result(): the worker that just answered is still
+    # polling for its next task, so it gets it.
+    with pool(max_workers=2, mode=Mode.TARGETED) as ex:
+        fs = []
+        for i in range(20):
+            f = ex.submit(square, i)
+            assert f.result(timeout=10) == i * i
+            fs.append(f)
+        assert len({f.worker_id for f in fs}) == 1
 
 
 def test_preemptive_submit_to_is_refused():
