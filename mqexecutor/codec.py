@@ -45,27 +45,38 @@ def by_value_registry() -> bool:
 
 def _pickle(obj: Any, buffers: list | None) -> bytes:
     """Pickle ``obj``; with ``buffers``, its contiguous PickleBuffers (protocol 5,
-    e.g. numpy arrays) are appended to it out-of-band, as memoryviews."""
-    if buffers is None:
-        keep = None
-    else:
-        def keep(pb: pickle.PickleBuffer) -> bool:
-            try:
-                buffers.append(pb.raw())
-            except BufferError:  # not contiguous: pickle it in-band
-                return True
-            return False
-
+    e.g. numpy arrays) are appended to it out-of-band, as memoryviews (all of
+    them in-band when one is not contiguous)."""
     if not by_value_registry():
         try:
-            data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep)
+            if buffers is None:
+                data = pickle.dumps(obj, PROTOCOL)
+            else:
+                data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffers.append)
+                if buffers and not _raw(buffers):
+                    data = pickle.dumps(obj, PROTOCOL)
         except Exception:  # noqa: BLE001 - cloudpickle gets its chance below
             data = None
-        if data is not None and _MAIN not in data:
+        if data is not None and data.find(_MAIN) < 0:
             return data
         if buffers:
             buffers.clear()
-    return cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep)
+    data = cloudpickle.dumps(obj, protocol=PROTOCOL,
+                             buffer_callback=None if buffers is None else buffers.append)
+    if buffers and not _raw(buffers):
+        data = cloudpickle.dumps(obj, protocol=PROTOCOL)
+    return data
+
+
+def _raw(buffers: list) -> bool:
+    """Turn the PickleBuffers in ``buffers`` into flat memoryviews. False (and
+    ``buffers`` emptied) when one is not contiguous: pickle in-band then."""
+    try:
+        buffers[:] = [pb.raw() for pb in buffers]
+        return True
+    except BufferError:
+        buffers.clear()
+        return False
 
 
 #: Types pickled by the C pickler alone: no buffers, no ``__main__`` reference.

@@ -221,7 +221,7 @@ class MQFuture(Future):
         self._result = None
         self._exception = None
         self._waiters: list = []
-        self._done_callbacks: list = []
+        # _done_callbacks: made on first use (see below)
         self.task_id = task_id
         self.fn_name = fn_name
         self.worker_id: int | None = None
@@ -230,6 +230,22 @@ class MQFuture(Future):
         self.original_task_id: int | None = None
         self.original_pid: int | None = None
         self._mq_lock = lock
+
+    #: Until a callback is added: one object less per pending task to scan.
+    _done_callbacks: list | tuple = ()
+
+    def add_done_callback(self, fn: Callable[[Future], object]) -> None:
+        """As ``concurrent.futures.Future.add_done_callback``."""
+        with self._condition:
+            if self._state not in _DONE_STATES:
+                if not self._done_callbacks:
+                    self._done_callbacks = []
+                self._done_callbacks.append(fn)  # type: ignore[union-attr]
+                return
+        try:
+            fn(self)
+        except Exception:  # noqa: BLE001 - logged, as concurrent.futures does
+            _futures_base.LOGGER.exception("exception calling callback for %r", self)
 
     def set_result(self, result: Any) -> None:
         """As ``concurrent.futures.Future.set_result`` (for the executor only)."""
