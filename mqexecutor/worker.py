@@ -211,9 +211,6 @@ class _Liveness:
                 return False
             except (AttributeError, OSError):  # no pidfd here: the slow way
                 return _alive(pid)
-            if not _alive(pid):  # a zombie has a pidfd too, readable at once
-                os.close(fd)
-                return False
             poller = select.poll()
             poller.register(fd, select.POLLIN)
             self._fds[pid] = fd
@@ -238,6 +235,10 @@ class _Liveness:
 
 class _Replier:
     """Sends results to producers' reply queues, opened by key and cached."""
+
+    #: Seconds a reply queue may stay full before the worker checks that its
+    #: producer is still the process that has its pid.
+    FULL_PATIENCE = 10.0
 
     def __init__(self) -> None:
         self._queues: dict[int, sysv_ipc.MessageQueue] = {}
@@ -265,6 +266,7 @@ class _Replier:
             return False
         delay = 0.0001
         waited = 0.0
+        full_since = 0.0
         reopened = False
         while True:
             try:
@@ -290,8 +292,16 @@ class _Replier:
             delay = min(delay * 2, 0.02)
             if waited > 0.2:
                 waited = 0.0
+                full_since = full_since or time.monotonic()
                 if not self._liveness.alive(producer_pid):
                     self._bury(key, producer_pid, token)
+                    return False
+                if (token and time.monotonic() - full_since > self.FULL_PATIENCE
+                        and not self._owns(key, producer_pid, token)):
+                    # Full for long, and the pid lives but its producer's
+                    # metadata is gone: the pid belongs to another process
+                    # now, and nobody will read this queue.
+                    self._queues.pop(key, None)
                     return False
 
     def send_raw(self, key: int, mtype: int, message: bytes) -> bool:
@@ -312,6 +322,13 @@ class _Replier:
                 self._queues.pop(key, None)
                 return False
         return False
+
+    @staticmethod
+    def _owns(key: int, producer_pid: int, token: int) -> bool:
+        """Whether the metadata of producer (pid, token) exists and names ``key``
+        as its reply queue (every MQExecutor writes it when it starts)."""
+        meta = persistence.read_meta(spill.producer_subdir(producer_pid, token))
+        return meta is not None and meta.reply_key == key and meta.owner_pid == producer_pid
 
     def _bury(self, key: int, producer_pid: int, token: int) -> None:
         """Remove the reply queue and spill directory of a producer that died,

@@ -14,6 +14,7 @@ import ctypes
 import faulthandler
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -23,6 +24,7 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
+import sysv_ipc
 
 from mqexecutor import Mode, TerminatedWorkerError, ipcinfo, persistence, spill
 
@@ -520,3 +522,35 @@ def test_ls_all_creates_no_queue(tmp_path):
     assert r.returncode == 0, r.stderr
     before, after = map(int, r.stdout.split("QUEUES")[1].split())
     assert after == before, f"`mqexecutor ls --all` x3 made {after - before} queue(s)"
+
+
+@pytest.mark.timeout(60)
+def test_full_reply_queue_of_a_producer_whose_pid_moved_on_is_given_up(monkeypatch):
+    """A task whose header names a live pid but a producer (pid, token) with no
+    metadata, and a reply queue that stays full (nobody reads it): the pid went
+    to another process. The worker gives the result up after FULL_PATIENCE
+    seconds instead of retrying for ever, and takes the next task."""
+    from mqexecutor import worker as worker_module
+    from mqexecutor.protocol import Kind, build, task_body
+
+    monkeypatch.setattr(worker_module._Replier, "FULL_PATIENCE", 0.5,  # forked workers see it
+                        raising=False)
+    full = sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX, mode=0o600)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        while True:  # fill the reply queue
+            try:
+                full.send(b"x" * 1024, block=False)
+            except sysv_ipc.BusyError:
+                break
+        key = unused_key()
+        with pool(key, max_workers=1) as ex:
+            body = task_body("builtins.abs", pickle.dumps((abs, (-3,), {}), protocol=5))
+            ex._state.task_queue.send(
+                build(Kind.TASK, 0, 0, 1, 0x5EED, full.key, sleeper.pid, -1, body), type=1)
+            assert ex.submit(square, 4).result(timeout=20) == 16
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        full.remove()
+        persistence.remove_queue(key)
