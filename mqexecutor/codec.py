@@ -22,7 +22,8 @@ import cloudpickle
 
 from . import spill
 
-__all__ = ["dumps", "loads", "PROTOCOL", "function_reference", "load_function"]
+__all__ = ["dumps", "loads", "PROTOCOL", "function_reference", "load_function",
+           "holder"]
 
 PROTOCOL = 5
 
@@ -86,13 +87,30 @@ _PLAIN = frozenset((type(None), bool, int, float, complex, str, bytes))
 _BY_REFERENCE = frozenset((types.FunctionType, types.BuiltinFunctionType, type))
 
 
-def _resolve(module: str, qualname: str, load: bool = True) -> Any:
-    obj = importlib.import_module(module) if load else sys.modules[module]
-    for part in qualname.split("."):
+def _resolve(module: str, qualname: str, load: bool = True) -> tuple[Any, str, Any]:
+    """(owner, name, object) of ``module:qualname``: the module or class that
+    holds the object under that name, and the object."""
+    owner = importlib.import_module(module) if load else sys.modules[module]
+    parts = qualname.split(".")
+    for part in parts[:-1]:
         if part == "<locals>":
             raise AttributeError(f"{module}:{qualname} is local to a function")
-        obj = getattr(obj, part)
-    return obj
+        owner = getattr(owner, part)
+    return owner, parts[-1], getattr(owner, parts[-1])
+
+
+def holder(reference: str) -> tuple[Any, str]:
+    """(owner, name) where the function of ``reference`` (made by
+    :func:`function_reference` in this process) is found: the producer checks
+    ``getattr(owner, name) is fn`` before it sends a cached reference, so a
+    name rebound since travels by value.
+
+    Raises:
+        KeyError, AttributeError: the module or a part of the name is gone.
+    """
+    module, _, qualname = reference.partition(":")
+    owner, name, _obj = _resolve(module, qualname, load=False)
+    return owner, name
 
 
 def function_reference(fn: Any) -> str | None:
@@ -109,7 +127,7 @@ def function_reference(fn: Any) -> str | None:
     if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__":
         return None
     try:
-        if _resolve(module, qualname, load=False) is not fn:
+        if _resolve(module, qualname, load=False)[2] is not fn:
             return None
         data = pickle.dumps(fn, protocol=PROTOCOL)  # as the C pickler would send it
     except Exception:  # noqa: BLE001 - travels by value (cloudpickle)
@@ -117,27 +135,29 @@ def function_reference(fn: Any) -> str | None:
     return None if _MAIN in data else f"{module}:{qualname}"
 
 
-_FUNCTIONS: dict[str, Any] = {}
+_FUNCTIONS: dict[str, tuple[Any, str, Any]] = {}  # reference -> (owner, name, fn)
 
 
 def load_function(reference: str) -> Any:
     """Inverse of :func:`function_reference`, cached (the worker side): imports
-    the module and looks the qualified name up, as unpickling would.
+    the module and looks the qualified name up, as unpickling would (again when
+    the name was rebound since).
 
     Raises:
         TypeError: ``reference`` is not a ``"module:qualname"`` string.
         ImportError, AttributeError: the module or the name does not exist here.
     """
-    fn = _FUNCTIONS.get(reference)  # type: ignore[arg-type]
-    if fn is None:
-        if not isinstance(reference, str) or ":" not in reference:
-            raise TypeError(f"function reference {reference!r} is not 'module:qualname'")
-        module, _, qualname = reference.partition(":")
-        fn = _resolve(module, qualname)
-        if len(_FUNCTIONS) >= 1024:
-            _FUNCTIONS.clear()
-        _FUNCTIONS[reference] = fn
-    return fn
+    hit = _FUNCTIONS.get(reference)  # type: ignore[arg-type]
+    if hit is not None and getattr(hit[0], hit[1], None) is hit[2]:
+        return hit[2]
+    if not isinstance(reference, str) or ":" not in reference:
+        raise TypeError(f"function reference {reference!r} is not 'module:qualname'")
+    module, _, qualname = reference.partition(":")
+    hit = _resolve(module, qualname)
+    if len(_FUNCTIONS) >= 1024:
+        _FUNCTIONS.clear()
+    _FUNCTIONS[reference] = hit
+    return hit[2]
 
 
 def dumps(obj: Any, inline_max: int, subdir: str) -> tuple[bytes, bool]:

@@ -378,25 +378,43 @@ def _spill_reference(task_message: bytes) -> str:
     return bytes(payload).decode("ascii", "replace")
 
 
-_NAMES: dict[Any, tuple[str, bytes, str | None]] = {}
+class _FnInfo:
+    """What submit() needs to know of a function, made once (``_fn_info``)."""
+
+    __slots__ = ("name", "prefix", "reference", "owner", "attr")
+
+    def __init__(self, fn: Any):
+        self.name = _fn_name(fn)
+        self.prefix = task_body(self.name, b"")
+        #: "module:qualname" when the function may travel as a reference, and
+        #: where it is found: the reference holds while getattr(owner, attr) is fn.
+        self.reference = codec.function_reference(fn)
+        self.owner: Any = None
+        self.attr = ""
+        if self.reference is not None:
+            try:
+                self.owner, self.attr = codec.holder(self.reference)
+            except (KeyError, AttributeError):
+                self.reference = None
 
 
-def _name_and_prefix(fn: Any) -> tuple[str, bytes, str | None]:
-    """``_fn_name(fn)``, its task-body prefix and ``codec.function_reference(fn)``,
-    cached for hashable functions."""
+_NAMES: dict[Any, _FnInfo] = {}
+
+
+def _fn_info(fn: Any) -> _FnInfo:
+    """The _FnInfo of ``fn``, cached for hashable functions."""
     try:
         return _NAMES[fn]
     except (KeyError, TypeError):
         pass
-    name = _fn_name(fn)
-    entry = (name, task_body(name, b""), codec.function_reference(fn))
+    info = _FnInfo(fn)
     try:
         if len(_NAMES) > 1024:
             _NAMES.clear()
-        _NAMES[fn] = entry
+        _NAMES[fn] = info
     except TypeError:  # unhashable callable
         pass
-    return entry
+    return info
 
 
 def _fn_name(fn: Any) -> str:
@@ -1892,13 +1910,15 @@ class MQExecutor(Executor):
             raise TypeError(f"{fn!r} is not callable")
         if retries is None:
             retries = state.retries
-        name, prefix, reference = _name_and_prefix(fn)
-        fut = MQFuture(0, name, state.lock)
+        info = _fn_info(fn)
+        prefix = info.prefix
+        fut = MQFuture(0, info.name, state.lock)
         keep = retries > 0 or state.journal is not None
         flags = F_TARGETED if state.targeted else 0
         call: Any = fn
-        if reference is not None and not codec.by_value_registry():
-            call = reference  # pickled once, as a reference
+        if (info.reference is not None and getattr(info.owner, info.attr, None) is fn
+                and not codec.by_value_registry()):
+            call = info.reference  # made once; still names this very function
             flags |= F_FN_REF
         try:
             room = state.inline_max - len(prefix)

@@ -31,6 +31,8 @@ __all__ = ["Outbox", "Route", "outbox_path", "create", "drain", "HEAD_SIZE"]
 _HEAD = struct.Struct("<IIiiQ")
 HEAD_SIZE = _HEAD.size
 _LEN = struct.Struct("<I")
+#: No message is shorter than its header (protocol.HEADER_SIZE).
+MIN_MESSAGE = 40
 
 
 class Route(NamedTuple):
@@ -135,8 +137,8 @@ def drain(path: str) -> tuple[Route, list[bytes]] | None:
         end = min(len(data), HEAD_SIZE + used)
         while len(messages) < count and off + 4 <= end:
             (n,) = _LEN.unpack_from(data, off)
-            if off + 4 + n > end:
-                break
+            if n < MIN_MESSAGE or off + 4 + n > end:
+                break  # not a message: the file is damaged from here on
             messages.append(data[off + 4:off + 4 + n])
             off += 4 + n
         os.pwrite(fd, bytes(HEAD_SIZE), 0)

@@ -243,6 +243,7 @@ class _Replier:
     def __init__(self) -> None:
         self._queues: dict[int, sysv_ipc.MessageQueue] = {}
         self._liveness = _Liveness()
+        self._lock = threading.RLock()
 
     def _queue(self, key: int) -> sysv_ipc.MessageQueue:
         q = self._queues.get(key)
@@ -260,7 +261,12 @@ class _Replier:
         the producer lives. Returns False when the result had to be dropped.
 
         A producer that died is cleaned up after: its reply queue and spill
-        directory are removed, so nothing it left behind leaks."""
+        directory are removed, so nothing it left behind leaks. Thread-safe
+        (the outbox's flusher thread sends too)."""
+        with self._lock:
+            return self._send(key, message, producer_pid, token)
+
+    def _send(self, key: int, message: bytes, producer_pid: int, token: int) -> bool:
         if not self._liveness.alive(producer_pid):
             self._bury(key, producer_pid, token)
             return False
@@ -414,10 +420,12 @@ class _Outbox:
     they are sent, for the owner to deliver if this worker dies).
 
     Results are sent when the next would not fit in one message, before a task
-    starts once the oldest waiting result is ``FLUSH_AGE`` seconds old, and when
-    the batch ends."""
+    starts once the oldest waiting result is ``FLUSH_AGE`` seconds old, when the
+    batch ends, and by a thread (``mqexecutor-outbox``) once the oldest is
+    ``FLUSH_AGE`` old while a long task runs: a slow task never holds back the
+    results of the quick ones before it."""
 
-    #: Seconds a result may wait for others before it is sent (checked between tasks).
+    #: Seconds a result may wait for others before it is sent.
     FLUSH_AGE = 0.001
 
     def __init__(self, worker: _Worker, path: str):
@@ -435,28 +443,57 @@ class _Outbox:
         self.since = 0.0
         self.busy = 0.0  # seconds spent running the tasks of the waiting results
         self.route = outbox.Route(0, 0, 0)
+        self.lock = threading.Lock()
+        self.waiting = threading.Event()  # set while results wait
+        self.flusher: threading.Thread | None = None
 
     def add(self, reply: int, pid: int, token: int, message: bytes, busy: float) -> None:
         """Keep (or send) the result ``message`` of a task that ran ``busy`` seconds."""
         route = outbox.Route(reply, pid, token)
-        if self.box is None or 4 + len(message) > self.limit:
-            self.flush()
-            self.send(route, message, [message])
-            return
-        if self.messages and (route != self.route or self.size + 4 + len(message) > self.limit):
-            self.flush()
-        if not self.messages:
-            self.route = route
-            self.since = time.monotonic()
-        self.box.add(route, message)
-        self.messages.append(message)
-        self.size += 4 + len(message)
-        self.busy += busy
+        with self.lock:
+            if self.box is None or 4 + len(message) > self.limit:
+                self._flush()
+                self.send(route, message, [message])
+                return
+            if self.messages and (route != self.route
+                                  or self.size + 4 + len(message) > self.limit):
+                self._flush()
+            if not self.messages:
+                self.route = route
+                self.since = time.monotonic()
+                if self.flusher is None:
+                    self.flusher = threading.Thread(target=self._flush_late,
+                                                    name="mqexecutor-outbox", daemon=True)
+                    self.flusher.start()
+                self.waiting.set()
+            self.box.add(route, message)
+            self.messages.append(message)
+            self.size += 4 + len(message)
+            self.busy += busy
 
     def due(self) -> bool:
         return bool(self.messages) and time.monotonic() - self.since >= self.FLUSH_AGE
 
     def flush(self) -> None:
+        with self.lock:
+            self._flush()
+
+    def _flush_late(self) -> None:
+        """The flusher thread: send what waits once the oldest is FLUSH_AGE old."""
+        while True:
+            self.waiting.wait()
+            with self.lock:
+                if not self.messages:
+                    self.waiting.clear()
+                    continue
+                delay = self.since + self.FLUSH_AGE - time.monotonic()
+                if delay <= 0:
+                    self._flush()
+                    self.waiting.clear()
+                    continue
+            time.sleep(delay)
+
+    def _flush(self) -> None:
         messages = self.messages
         if not messages:
             return
