@@ -4,15 +4,35 @@ Each test makes a backlog for real: one worker is held on a gate while
 hundreds of tasks are submitted, so the kernel queue fills and the rest waits
 in the process; ``batch_size`` fixes how many go in one message once the gate
 opens. The faults are real too: the worker runs ``os._exit`` mid-batch.
+
+Results of a BATCH come back in RESULT BATCH messages and, until sent, sit in
+the worker's outbox file (``mqexecutor.outbox``), which the owner delivers from
+when the worker dies. A private queue holds at most 2 messages per worker (the
+rest waits in the backlog); a queue on an explicit key takes all it can hold.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import struct
+from collections.abc import Iterator
 
 import pytest
 
-from mqexecutor import Mode, TerminatedWorkerError
-from tests.helpers import Gate, gated, pool, wait_until
+import mqexecutor
+from mqexecutor import Mode, TerminatedWorkerError, ipcinfo, outbox
+from mqexecutor import executor as executor_module
+from mqexecutor.protocol import F_BATCH, HEADER_FORMAT, HEADER_SIZE, Kind, build
+from tests.helpers import (
+    Gate,
+    gated,
+    pool,
+    remove_test_key,
+    square,
+    unused_key,
+    wait_until,
+)
 
 N = 400
 
@@ -119,3 +139,353 @@ def test_batch_size_is_validated():
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="batch_size"):
             MQExecutor(max_workers=1, batch_size=bad)
+
+
+# --------------------------------------------------------------------------
+# RESULT BATCH: the results of a BATCH come back several to a message
+# --------------------------------------------------------------------------
+
+AUTHKEY = b"result-batch-test-key-0123456789"
+
+
+def _count_results_per_message(monkeypatch) -> list[tuple[int, bool]]:
+    """Record, for every message the collector handles, how many results it
+    carried and whether it was a RESULT BATCH (F_BATCH in the outer header).
+    The collector looks ``_handle_message`` up in the module on every message."""
+    seen: list[tuple[int, bool]] = []
+    real = executor_module._handle_message
+
+    def spy(state, raw):
+        n = real(state, raw)
+        seen.append((n, bool(len(raw) >= HEADER_SIZE and raw[4] & F_BATCH)))
+        return n
+
+    monkeypatch.setattr(executor_module, "_handle_message", spy)
+    return seen
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("authkey", [None, AUTHKEY], ids=["plain", "authkey"])
+def test_results_of_a_batch_come_back_in_result_batch_messages(tmp_path, monkeypatch,
+                                                               authkey):
+    # With authkey=, each inner result carries its own HMAC and the outer
+    # RESULT BATCH header none: the collector must check the inner ones only.
+    seen = _count_results_per_message(monkeypatch)
+    gate = Gate(tmp_path)
+    with pool(max_workers=1, batch_size=50, authkey=authkey) as ex:
+        blocker, futures = _backlog(ex, gate, die_on, -1)
+        gate.open()
+        blocker.result(timeout=30)
+        assert [f.result(timeout=30) for f in futures] == list(range(N))
+    batches = [n for n, is_batch in seen if is_batch]
+    assert batches and max(batches) > 1, \
+        f"no message carried more than one result: {seen[:20]}"
+    # Every result arrived exactly once, whatever the packing.
+    assert sum(n for n, _ in seen) == N + 1, seen
+    # Far fewer messages than results: they really were packed.
+    assert len(seen) < (N + 1) // 2, f"{len(seen)} messages for {N + 1} results"
+
+
+# --------------------------------------------------------------------------
+# The outbox: results held by a worker that dies are still delivered
+# --------------------------------------------------------------------------
+
+_HEADER = struct.Struct(HEADER_FORMAT)
+
+
+def die_with_results_in_outbox(x, owner_dir, marker, least=3):
+    """Return ``x``; but the first time this worker's outbox file holds at
+    least ``least`` results of earlier tasks (sent by nobody yet), record them
+    in ``marker`` (JSON: x, count, their task ids) and kill the worker."""
+    if os.path.exists(marker):
+        return x
+    path = outbox.outbox_path(owner_dir, mqexecutor.worker_id())
+    with open(path, "rb") as f:
+        data = f.read()
+    count, _used = struct.unpack_from("<II", data)
+    if count < least:
+        return x
+    ids = []
+    off = outbox.HEAD_SIZE
+    for _ in range(count):
+        (n,) = struct.unpack_from("<I", data, off)
+        ids.append(_HEADER.unpack_from(data, off + 4)[5])  # the inner result's task_id
+        off += 4 + n
+    with open(marker + ".tmp", "w") as f:
+        json.dump({"x": x, "count": count, "task_ids": ids, "pid": os.getpid()}, f)
+    os.rename(marker + ".tmp", marker)
+    os._exit(7)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("authkey", [None, AUTHKEY], ids=["plain", "authkey"])
+def test_worker_death_delivers_the_results_waiting_in_its_outbox(tmp_path, authkey):
+    # The fatal task itself checks that results of earlier tasks of its batch
+    # are in the outbox file (unsent) when the worker dies: so this test fails
+    # if they are not kept there, and fails if the owner does not deliver them
+    # (they would then fail with TerminatedWorkerError "ran, but its result
+    # was lost", or hang).
+    gate = Gate(tmp_path)
+    marker = str(tmp_path / "died.json")
+    with pool(max_workers=1, batch_size=50, authkey=authkey) as ex:
+        owner_dir = os.path.dirname(ex._state.board.path)
+        blocker, futures = _backlog(ex, gate, die_with_results_in_outbox,
+                                    owner_dir, marker)
+        gate.open()
+        blocker.result(timeout=30)
+        outcomes = {}
+        for i, f in enumerate(futures):
+            exc = f.exception(timeout=30)
+            outcomes[i] = exc if exc is not None else f.result()
+        assert os.path.exists(marker), \
+            "no task ever saw 3 results waiting in its worker's outbox file"
+        with open(marker) as fh:
+            died = json.load(fh)
+        assert died["count"] >= 3 and len(died["task_ids"]) == died["count"]
+        failed = {i: o for i, o in outcomes.items() if isinstance(o, BaseException)}
+        assert list(failed) == [died["x"]], f"failed: {failed}"
+        err = failed[died["x"]]
+        assert isinstance(err, TerminatedWorkerError)
+        assert "exit code 7" in str(err) and "lost" not in str(err)
+        assert err.task_id == futures[died["x"]].task_id
+        # The results that were in the outbox at the death came back intact.
+        by_id = {f.task_id: i for i, f in enumerate(futures)}
+        held = [by_id[t] for t in died["task_ids"]]
+        assert all(i < died["x"] for i in held), (held, died["x"])
+        assert [outcomes[i] for i in held] == held
+        assert all(outcomes[i] == i for i in outcomes if i != died["x"])
+        # A new worker serves on.
+        assert ex.submit(square, 7).result(timeout=30) == 49
+        assert died["pid"] not in ex._processes
+
+
+# outbox.py on its own -------------------------------------------------------
+
+ROUTE = outbox.Route(reply=0x1234, pid=4242, token=0xDEADBEEFCAFEF00D)
+
+
+def _result(task_id: int, body: bytes = b"value") -> bytes:
+    return build(Kind.RESULT, 0, 0, task_id, ROUTE.token, 0, 99, 0, body)
+
+
+@contextlib.contextmanager
+def _box(tmp_path, capacity=4096) -> Iterator[tuple[str, outbox.Outbox]]:
+    """(path, Outbox) of a fresh outbox file, closed at the end."""
+    path = outbox.outbox_path(str(tmp_path), 3)
+    assert os.path.basename(path) == "outbox-3"
+    outbox.create(path, capacity)
+    box = outbox.Outbox(path)
+    try:
+        yield path, box
+    finally:
+        box.close()
+
+
+def test_outbox_add_drain_round_trip(tmp_path):
+    with _box(tmp_path) as (path, box):
+        messages = [_result(i, b"x" * i) for i in range(1, 6)]
+        for m in messages:
+            assert box.fits(len(m))
+            box.add(ROUTE, m)
+        got = outbox.drain(path)
+        assert got is not None
+        route, drained = got
+        assert route == ROUTE
+        assert drained == messages
+
+
+def test_outbox_drain_empties_the_file(tmp_path):
+    with _box(tmp_path) as (path, box):
+        box.add(ROUTE, _result(1))
+        assert outbox.drain(path) is not None
+        assert outbox.drain(path) is None  # taken once only
+        with open(path, "rb") as f:
+            assert f.read(outbox.HEAD_SIZE) == bytes(outbox.HEAD_SIZE)
+
+
+def test_outbox_drain_of_empty_missing_or_odd_files(tmp_path):
+    with _box(tmp_path) as (path, _unused):
+        pass
+    assert outbox.drain(path) is None  # created, never written
+    assert outbox.drain(str(tmp_path / "outbox-99")) is None  # missing
+    short = tmp_path / "short"
+    short.write_bytes(b"\x01\x00")
+    assert outbox.drain(str(short)) is None  # shorter than the header
+    os.symlink(path, tmp_path / "link")
+    assert outbox.drain(str(tmp_path / "link")) is None  # never follows a link
+
+
+def test_outbox_clear_and_fits(tmp_path):
+    with _box(tmp_path, capacity=200) as (path, box):
+        m = _result(1, b"y" * 100)  # 140 bytes, 144 with its length
+        assert box.fits(len(m))
+        box.add(ROUTE, m)
+        assert not box.fits(len(m))  # 288 > 200
+        assert box.fits(200 - 144 - 4)
+        box.clear()
+        assert outbox.drain(path) is None
+        assert box.fits(len(m))
+
+
+def test_outbox_create_empties_an_old_file_and_refuses_small_files(tmp_path):
+    with _box(tmp_path) as (path, box):
+        box.add(ROUTE, _result(1))
+    outbox.create(path, 4096)  # a new worker under the same id
+    assert outbox.drain(path) is None
+    small = tmp_path / "small"
+    small.write_bytes(bytes(outbox.HEAD_SIZE))
+    with pytest.raises(ValueError):
+        outbox.Outbox(str(small))
+    with pytest.raises(OSError):
+        outbox.Outbox(str(tmp_path / "missing"))
+
+
+def _corrupt(path: str, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def test_outbox_drain_ignores_truncated_or_corrupt_entries(tmp_path):
+    with _box(tmp_path) as (path, box):
+        messages = [_result(i) for i in range(1, 4)]
+        for m in messages:
+            box.add(ROUTE, m)
+        third = outbox.HEAD_SIZE + 2 * (4 + len(messages[0]))
+        # the third entry's length runs past what the header says is used
+        _corrupt(path, third, struct.pack("<I", 10_000))
+        assert outbox.drain(path) == (ROUTE, messages[:2])
+
+        box.clear()  # fresh entries; `count` says more than there are
+        for m in messages:
+            box.add(ROUTE, m)
+        _corrupt(path, 0, struct.pack("<I", 50))
+        assert outbox.drain(path) == (ROUTE, messages)
+
+        box.clear()  # `used` runs past the end of the file: clamped to it
+        for m in messages:
+            box.add(ROUTE, m)
+        _corrupt(path, 4, struct.pack("<I", 0xFFFFFFF0))
+        assert outbox.drain(path) == (ROUTE, messages)
+
+        box.clear()  # the very first entry is corrupt: nothing to deliver
+        box.add(ROUTE, messages[0])
+        _corrupt(path, outbox.HEAD_SIZE, struct.pack("<I", 0xFFFFFFFF))
+        assert outbox.drain(path) is None
+
+
+def test_outbox_drain_stops_at_an_entry_shorter_than_a_header(tmp_path):
+    # count and used both damaged: zero-length entries are no messages, and
+    # forwarding them would make the collector refuse the whole batch.
+    with _box(tmp_path) as (path, box):
+        box.add(ROUTE, _result(1))
+        _corrupt(path, 0, struct.pack("<II", 5, 4096))
+        assert outbox.drain(path) == (ROUTE, [_result(1)])
+
+
+def gated_value(x, gate_path=None):
+    """``x``; when ``gate_path`` is given, first wait for that file."""
+    if gate_path is not None:
+        from tests.helpers import wait_for_path
+        if not wait_for_path(gate_path, 30):
+            raise TimeoutError("gate never opened")
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_long_task_does_not_hold_back_the_results_before_it_in_its_batch(tmp_path):
+    """Ten quick tasks and a long one in one BATCH: the quick ones' results
+    arrive while the long one still runs (the worker's outbox thread sends
+    them once the oldest is FLUSH_AGE old), not when the batch ends."""
+    gate = Gate(tmp_path)
+    slow_gate = os.path.join(str(tmp_path), "slow-gate")
+    with pool(max_workers=1, batch_size=50) as ex:
+        blocker = ex.submit(gated, gate.path, gate.started_dir, "blocker")
+        gate.wait_started(1)
+        # hold-back keeps these in the backlog: they leave as one BATCH
+        quick = [ex.submit(gated_value, i) for i in range(10)]
+        slow = ex.submit(gated_value, "slow", slow_gate)
+        assert ex.stats().backlog >= 5
+        gate.open()
+        blocker.result(timeout=30)
+        try:
+            assert wait_until(lambda: all(f.done() for f in quick), 10), \
+                "the quick results waited for the long task of their batch"
+            assert not slow.done()
+            assert [f.result() for f in quick] == list(range(10))
+            assert any(len(b) > 1 for b in [ex._state.batch_of.get(slow.task_id) or []])
+        finally:
+            open(slow_gate, "w").close()
+        assert slow.result(timeout=30) == "slow"
+
+
+def test_outbox_entry_not_yet_counted_is_not_delivered(tmp_path):
+    # `count` is written last: an entry whose bytes are there but which the
+    # header does not count yet (a worker killed while adding it) is ignored.
+    with _box(tmp_path) as (path, box):
+        messages = [_result(i) for i in range(1, 3)]
+        for m in messages:
+            box.add(ROUTE, m)
+        _corrupt(path, 0, struct.pack("<I", 1))
+        assert outbox.drain(path) == (ROUTE, messages[:1])
+
+
+# --------------------------------------------------------------------------
+# Hold-back: a private queue holds at most 2 messages per worker
+# --------------------------------------------------------------------------
+
+HELD = 100  # small tasks: all of them would fit in a 16 KB queue
+
+
+def _held(ex, gate):
+    """The worker held on ``gate``, then HELD small tasks submitted behind it."""
+    blocker = ex.submit(gated, gate.path, gate.started_dir, "blocker")
+    gate.wait_started(1)
+    return blocker, [ex.submit(square, i) for i in range(HELD)]
+
+
+def _queued(ex) -> int:
+    info = ipcinfo.queue_info(ex.key)
+    assert info is not None
+    return info.qnum
+
+
+@pytest.mark.timeout(60)
+def test_private_queue_holds_back_tasks_in_the_backlog(tmp_path):
+    gate = Gate(tmp_path)
+    with pool(max_workers=1) as ex:
+        blocker, futures = _held(ex, gate)
+        try:
+            queued = _queued(ex)
+            backlog = len(ex._state.backlog)
+            assert queued <= 2 * ex.max_workers, queued
+            assert backlog >= HELD - 2 * ex.max_workers, backlog
+            assert ex.stats().queued_messages == queued
+            assert ex.stats().backlog == backlog
+        finally:
+            gate.open()
+        blocker.result(timeout=30)
+        assert [f.result(timeout=30) for f in futures] == [i * i for i in range(HELD)]
+
+
+@pytest.mark.timeout(60)
+def test_queue_on_an_explicit_key_takes_all_it_can_hold(tmp_path):
+    gate = Gate(tmp_path)
+    key = unused_key()
+    try:
+        with pool(key=key, max_workers=1) as ex:
+            blocker, futures = _held(ex, gate)
+            try:
+                queued = _queued(ex)
+                backlog = len(ex._state.backlog)
+                assert queued + backlog == HELD
+                # A private queue would stop at 2: this one holds far more.
+                assert queued >= HELD // 2, (queued, backlog, ex.stats())
+            finally:
+                gate.open()
+            blocker.result(timeout=30)
+            assert [f.result(timeout=30) for f in futures] == [i * i for i in range(HELD)]
+    finally:
+        remove_test_key(key)
