@@ -578,15 +578,21 @@ class _PoolState:
         spill.remove_subdir(self.subdir)
         if not self.explicit_key and self.task_queue is not None:
             spill.remove_subdir(spill.key_subdir(self.task_queue.key))
-        for fd in (self.wake_r, self.wake_w):
+        fds = (self.wake_r, self.wake_w)
+        # -1 first: a late wake() must not write into a file that reuses the number
+        self.wake_r = self.wake_w = -1
+        for fd in fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
 
     def wake(self) -> None:
+        fd = self.wake_w
+        if fd < 0:
+            return  # resources released
         try:
-            os.write(self.wake_w, b"\0")
+            os.write(fd, b"\0")
         except OSError:  # full (already woken) or closed
             pass
 
