@@ -45,7 +45,7 @@ ROOT_PID = os.getpid()
 _PRODUCER_RE = re.compile(r"p-(\d+)-")
 _KEY_RE = re.compile(r"k-([0-9a-f]{8})$")
 _SESSION_LEAKS: list[str] = []
-_UNATTRIBUTED: dict[str, None] = {}
+_UNATTRIBUTED: dict[str, str] = {}  # what -> its description
 
 #: pids and thread ids of this process and of every descendant seen in the run.
 OUR_IDS: set[int] = {ROOT_PID}
@@ -189,7 +189,7 @@ def _is_ours(tid: int) -> bool:
     return False
 
 
-def _queue_leaks(before: set, note: bool, source=proc_queues) -> list[str]:
+def _queue_leaks(before: set, note: bool, source=proc_queues, where: str = "") -> list[str]:
     new = {(msqid, key & 0xFFFFFFFF) for msqid, key in source()} - \
         {(msqid, key & 0xFFFFFFFF) for msqid, key in before}
     if not new:
@@ -206,8 +206,9 @@ def _queue_leaks(before: set, note: bool, source=proc_queues) -> list[str]:
                 f"last receive by {d['lrpid']})")
         if (d["key"] in OUR_KEYS or _is_ours(d["lspid"]) or _is_ours(d["lrpid"])):
             leaks.append(text)
-        elif note:
-            _UNATTRIBUTED.setdefault(text)
+        elif note:  # keyed by msqid: the first note (the test's, if any) stays
+            _UNATTRIBUTED.setdefault(f"queue {msqid}",
+                                     text + (f", new during {where}" if where else ""))
     return leaks
 
 
@@ -229,14 +230,15 @@ def _spill_leaks(before: set, roots: list[str], note: bool) -> list[str]:
                 (not m and _KEY_RE.match(top) and
                  not _our_key(int(_KEY_RE.match(top).group(1), 16))):
             if note:
-                _UNATTRIBUTED.setdefault(f"spill entry {path}")
+                _UNATTRIBUTED.setdefault(f"spill entry {path}", f"spill entry {path}")
             continue
         leaks.append(f"spill entry {path}")
     return leaks
 
 
 def find_leaks(q_before: set, s_before: set, roots: list[str],
-               settle: float, note: bool = False, source=proc_queues) -> list[str]:
+               settle: float, note: bool = False, source=proc_queues,
+               where: str = "") -> list[str]:
     """Leaks compared to the snapshots; waits up to ``settle`` seconds for
     asynchronous clean-up (a shutdown(wait=False), a garbage-collected
     executor) to finish first."""
@@ -245,7 +247,7 @@ def find_leaks(q_before: set, s_before: set, roots: list[str],
         leaks = _queue_leaks(q_before, False, source) + _spill_leaks(s_before, roots, False)
         if not leaks or time.monotonic() > end:
             if note:  # list what is new but not ours, once, at the end
-                _queue_leaks(q_before, True, source)
+                _queue_leaks(q_before, True, source, where)
                 _spill_leaks(s_before, roots, True)
             return leaks
         time.sleep(0.05)
@@ -293,7 +295,8 @@ def per_test_leak_check(request, session_leak_check):
     q_before = proc_queues()
     s_before = spill_snapshot(roots)
     yield
-    leaks = find_leaks(q_before, s_before, roots, settle=5.0)
+    leaks = find_leaks(q_before, s_before, roots, settle=5.0, note=True,
+                       where=request.node.nodeid)
     if leaks:
         pytest.fail(f"{request.node.nodeid} left behind:\n  " + "\n  ".join(leaks),
                     pytrace=False)
@@ -312,11 +315,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                     "test session:")
         for leak in _SESSION_LEAKS:
             terminalreporter.write_line("  " + leak)
+    alive = {f"queue {msqid}" for msqid, _key in proc_queues()}
+    for what in [w for w in _UNATTRIBUTED if w.startswith("queue ") and w not in alive]:
+        del _UNATTRIBUTED[what]  # noted during a test, removed since
     if _UNATTRIBUTED:
         terminalreporter.section("mqexecutor leak check: not counted", sep="-")
         terminalreporter.write_line("New during the run but not attributable to it "
                                     "(another program's?):")
-        shown = list(_UNATTRIBUTED)[:20]
+        shown = list(_UNATTRIBUTED.values())[:20]
         for text in shown:
             terminalreporter.write_line("  " + text)
         if len(_UNATTRIBUTED) > len(shown):
