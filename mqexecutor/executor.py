@@ -67,6 +67,7 @@ from .protocol import (
     Status,
     build,
     flatten,
+    join_batch,
     parse,
     replace_route,
     split_batch,
@@ -136,7 +137,6 @@ _CANCELLED_STATES = frozenset((_futures_base.CANCELLED,
                                _futures_base.CANCELLED_AND_NOTIFIED))
 _DONE_STATES = frozenset((_futures_base.FINISHED, _futures_base.CANCELLED,
                           _futures_base.CANCELLED_AND_NOTIFIED))
-_LEN = struct.Struct("<I")
 
 
 class Mode(enum.IntEnum):
@@ -274,14 +274,14 @@ class MQFuture(Future):
     def _wait(self, timeout: float | None) -> None:
         if self._state in _DONE_STATES:
             return
-        if timeout is None or timeout >= SPIN_SECONDS:
-            deadline = time.monotonic() + SPIN_SECONDS
+        if timeout is None or timeout >= queues.SPIN_SECONDS:
+            deadline = time.monotonic() + queues.SPIN_SECONDS
             while time.monotonic() < deadline:
                 os.sched_yield()  # releases the GIL for the collector
                 if self._state in _DONE_STATES:
                     return
             if timeout is not None:
-                timeout -= SPIN_SECONDS
+                timeout -= queues.SPIN_SECONDS
         waiter = _ResultWaiter()
         with self._condition:
             if self._state in _DONE_STATES:
@@ -741,7 +741,7 @@ class _PoolState:
                 self.forget(first)
                 first.future.set_exception(exc)
                 return 1
-        body = b"".join(_LEN.pack(len(it.message)) + it.message for it in items)
+        body = join_batch([it.message for it in items])
         flags = F_BATCH | (F_TARGETED if self.targeted else 0)
         message = build(Kind.TASK, flags, 0, first.future.task_id, self.token,
                         self.reply_queue.key, self.pid, first.worker, body)
@@ -928,7 +928,7 @@ def _collector_loop(state: _PoolState) -> None:
     assert queue is not None
     spin = False
     while True:
-        got = _spin_receive(queue, SPIN_SECONDS) if spin else None
+        got = queues.spin_receive(queue) if spin else None
         try:
             raw, _mtype = got or queue.receive()
         except sysv_ipc.ExistentialError:
@@ -967,29 +967,6 @@ def _collector_loop(state: _PoolState) -> None:
         # A few tasks out and none waiting here: the next result is likely
         # close, and polling for it beats being woken (about 30 us here).
         spin = not state.backlog and 0 < len(state.pending) <= state.max_workers
-
-
-#: Seconds a thread polls for what it waits for before it blocks (collector,
-#: task workers, MQFuture.result). Waking from a blocking msgrcv or lock costs
-#: tens of microseconds; polling that long with sched_yield costs little.
-SPIN_SECONDS = 0.0002
-
-
-def _spin_receive(queue: sysv_ipc.MessageQueue, seconds: float,
-                  mtype: int = 0) -> tuple[bytes, int] | None:
-    """Poll ``queue`` (msgrcv with IPC_NOWAIT) for up to ``seconds``, yielding
-    the CPU between tries. Returns the message, or None (nothing came, or an
-    error the caller's blocking receive will meet again)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return queue.receive(block=False, type=mtype)
-        except sysv_ipc.BusyError:
-            if time.monotonic() >= deadline:
-                return None
-            os.sched_yield()
-        except (sysv_ipc.Error, OSError):
-            return None
 
 
 def _handle_message(state: _PoolState, raw: bytes) -> int:
@@ -1230,7 +1207,7 @@ def _deliver_outbox(state: _PoolState, wid: int) -> None:
         message = messages[0]
     else:
         message = build(Kind.RESULT, F_BATCH, 0, 0, route.token, 0, state.pid, wid,
-                        b"".join(_LEN.pack(len(m)) + m for m in messages))
+                        join_batch(messages))
     _send_to_producer(state, route.token, route.reply, route.pid, message)
 
 
@@ -1947,7 +1924,7 @@ class MQExecutor(Executor):
             if state.targeted:
                 if target is None:
                     # The least busy worker; on a tie the one used last, which
-                    # may still be polling for its next task (SPIN_SECONDS).
+                    # may still be polling for its next task (queues.SPIN_SECONDS).
                     out = state.outstanding
                     target = state.last_target
                     if out[target] != min(out):

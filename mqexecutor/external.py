@@ -62,10 +62,12 @@ import importlib
 import json
 import os
 import re
-import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TypeGuard
+
+from .worker import _report as _log
+from .worker import worker_id
 
 __all__ = ["VERSION", "handle_json", "parse_task", "is_allowed", "resolve",
            "JSONTask", "TaskRefused"]
@@ -265,20 +267,7 @@ def resolve(fn: str) -> Callable[..., Any]:
 
 
 def _identity() -> tuple[int | None, int]:
-    try:
-        from .worker import worker_id
-        return worker_id(), os.getpid()
-    except ImportError:  # pragma: no cover - the package is always importable
-        return None, os.getpid()
-
-
-def _log(message: str) -> None:
-    wid, pid = _identity()
-    try:
-        sys.stderr.write(f"mqexecutor worker {wid} (pid {pid}): {message}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
+    return worker_id(), os.getpid()
 
 
 def _safe_str(obj: Any) -> str:

@@ -102,6 +102,8 @@ def pid_alive(pid: int) -> bool:
         with open(f"/proc/{pid}/stat", "rb") as f:
             state = f.read().rsplit(b")", 1)[1].split()[0]
         return state not in (b"Z", b"X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # gone since the kill(0)
     except (OSError, IndexError):
         return True
 

@@ -35,7 +35,7 @@ __all__ = [
     "Header", "ProtocolError", "pack_header", "unpack_header", "PREEMPTIVE_MTYPE",
     "RESULT_MTYPE", "CONTROL_MTYPE", "targeted_mtype", "task_body", "split_task_body",
     "task_payload", "replace_route", "build", "parse", "AuthError", "TAG_SIZE", "split_batch",
-    "flatten",
+    "join_batch", "flatten",
     "F_SPILL", "F_TARGETED", "F_BATCH", "F_AUTH", "F_KEEP_SPILL", "F_FN_REF",
 ]
 
@@ -252,6 +252,12 @@ def split_batch(body: bytes | memoryview) -> list[bytes]:
         out.append(bytes(view[offset:offset + n]))
         offset += n
     return out
+
+
+def join_batch(messages: list[bytes]) -> bytes:
+    """The body of a BATCH message carrying ``messages`` (whole messages, each
+    with its header): inverse of :func:`split_batch`."""
+    return b"".join(_LEN.pack(len(m)) + m for m in messages)
 
 
 def flatten(raw: bytes) -> list[bytes]:

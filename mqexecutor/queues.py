@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import sysv_ipc
 
 from .limits import msgmax
 
-__all__ = ["ftok", "open_queue", "create_private", "remove_quietly", "parse_key"]
+__all__ = ["ftok", "open_queue", "create_private", "remove_quietly", "parse_key",
+           "spin_receive", "SPIN_SECONDS"]
+
+#: Seconds a thread polls for what it waits for before it blocks (task workers,
+#: the collector, MQFuture.result): waking from a blocking msgrcv or a lock
+#: costs tens of microseconds here, polling that long with sched_yield little.
+SPIN_SECONDS = 0.0002
 
 
 _rng = random.SystemRandom()
@@ -102,3 +109,24 @@ def remove_quietly(queue: sysv_ipc.MessageQueue | None) -> None:
         queue.remove()
     except (sysv_ipc.ExistentialError, sysv_ipc.PermissionsError):
         pass
+
+
+def spin_receive(queue: sysv_ipc.MessageQueue, mtype: int = 0,
+                 seconds: float = SPIN_SECONDS) -> tuple[bytes, int] | None:
+    """Poll ``queue`` for a message of type ``mtype`` (msgrcv with IPC_NOWAIT)
+    for up to ``seconds`` seconds, yielding the CPU between tries.
+
+    Returns:
+        (message, mtype), or None when nothing came, or on an error (queue
+        removed, EINTR, E2BIG): the caller's blocking receive meets it again.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return queue.receive(block=False, type=mtype)
+        except sysv_ipc.BusyError:
+            if time.monotonic() >= deadline:
+                return None
+            os.sched_yield()
+        except (sysv_ipc.Error, OSError):
+            return None

@@ -27,7 +27,6 @@ import os
 import pickle
 import select
 import signal
-import struct
 import sys
 import threading
 import time
@@ -36,7 +35,7 @@ from typing import Any
 
 import sysv_ipc
 
-from . import codec, deadletter, outbox, persistence, spill
+from . import codec, deadletter, outbox, persistence, queues, spill
 from .limits import msgmax
 from .protocol import (
     F_BATCH,
@@ -50,6 +49,7 @@ from .protocol import (
     ProtocolError,
     Status,
     build,
+    join_batch,
     parse,
     split_batch,
     task_payload,
@@ -57,13 +57,8 @@ from .protocol import (
 )
 from .scoreboard import Scoreboard
 
-_LEN = struct.Struct("<I")
-
 __all__ = ["worker_id", "current_task_id", "WorkerConfig", "run_worker", "EXIT_INIT_FAILED"]
 
-#: Seconds a worker polls the task queue after a task before it blocks in
-#: msgrcv: a task sent within that time is taken without a wake-up.
-SPIN_SECONDS = 0.0002
 #: Exit status of a worker whose initializer raised.
 EXIT_INIT_FAILED = 3
 STOP_SIGNAL = signal.SIGUSR1
@@ -507,7 +502,7 @@ class _Outbox:
             # its task id field tells how long the tasks ran (microseconds)
             message = build(Kind.RESULT, F_BATCH, 0, busy_us, self.route.token, 0,
                             os.getpid(), self.worker.cfg.worker_id,
-                            b"".join(_LEN.pack(len(m)) + m for m in messages))
+                            join_batch(messages))
         self.send(self.route, message, messages)
         if self.box is not None:
             self.box.clear()
@@ -554,16 +549,9 @@ class _Worker:
     def receive(self) -> tuple[bytes, int] | None:
         if self.spin:  # right after a task: the next one may be close
             self.spin = False
-            deadline = time.monotonic() + SPIN_SECONDS
-            while not _stop:
-                try:
-                    return self.queue.receive(block=False, type=self.mtype)
-                except sysv_ipc.BusyError:
-                    if time.monotonic() >= deadline:
-                        break
-                    os.sched_yield()
-                except (sysv_ipc.Error, OSError):
-                    break  # met again below
+            got = queues.spin_receive(self.queue, self.mtype)
+            if got is not None:
+                return got  # taken after a stop request: run() puts it back
         while not _stop:
             try:
                 return self.queue.receive(type=self.mtype)

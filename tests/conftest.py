@@ -148,17 +148,6 @@ def queue_details() -> dict[int, dict]:
     return details
 
 
-def spill_snapshot(roots: list[str]) -> set[str]:
-    found = set()
-    for root in roots:
-        if not os.path.isdir(root):
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames + filenames:
-                found.add(os.path.join(dirpath, name))
-    return found
-
-
 # --------------------------------------------------------------------------
 # attribution
 # --------------------------------------------------------------------------
@@ -218,7 +207,7 @@ def _our_key(key: int) -> bool:
 
 
 def _spill_leaks(before: set, roots: list[str], note: bool) -> list[str]:
-    new = spill_snapshot(roots) - before
+    new = helpers.spill_entries(roots) - before
     leaks = []
     for path in sorted(new):
         top = ""
@@ -269,7 +258,7 @@ def session_leak_check(request):
     scanner.start()
     roots = spill.spill_roots()
     q_before = ipcs_queues()
-    s_before = spill_snapshot(roots)
+    s_before = helpers.spill_entries(roots)
     try:
         yield
         leaks = find_leaks(q_before, s_before, roots, settle=10.0, note=True,
@@ -293,7 +282,7 @@ def session_leak_check(request):
 def per_test_leak_check(request, session_leak_check):
     roots = spill.spill_roots()
     q_before = proc_queues()
-    s_before = spill_snapshot(roots)
+    s_before = helpers.spill_entries(roots)
     yield
     leaks = find_leaks(q_before, s_before, roots, settle=5.0, note=True,
                        where=request.node.nodeid)

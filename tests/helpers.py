@@ -18,7 +18,7 @@ import time
 import sysv_ipc
 
 import mqexecutor
-from mqexecutor import MQExecutor
+from mqexecutor import MQExecutor, persistence
 
 # --------------------------------------------------------------------------
 # Parent-side utilities
@@ -98,20 +98,8 @@ def queue_exists(key: int) -> bool:
     return True
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+#: True while ``pid`` exists and is not a zombie (the library's own check).
+pid_alive = persistence.pid_alive
 
 
 #: Explicit keys used by tests (the leak check attributes k-<key> spill dirs).
