@@ -527,11 +527,14 @@ class _PoolState:
         self.manager: threading.Thread | None = None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
+            if key is not None:
+                self.task_queue = queues.open_queue(key, create=not attach, mode=queue_mode)
+            # The queues made here are named in meta.json at once: a process
+            # killed after that leaves nothing `gc` cannot tie to a dead owner.
             self.reply_queue = queues.create_private()
             if key is None:
                 self.task_queue = queues.create_private(queue_mode)
-            else:
-                self.task_queue = queues.open_queue(key, create=not attach, mode=queue_mode)
+            self.write_meta(key, mode, attach, max_workers)
             self.fit_to_queue()
             for index in range(len(spill.spill_roots())):
                 spill.ensure_subdir(index, self.subdir)
@@ -545,13 +548,16 @@ class _PoolState:
                 self.board = Scoreboard(
                     os.path.join(spill.root_dir(0), self.subdir, "scoreboard"),
                     max_workers, create=True)
-            persistence.write_meta(self.subdir, persistence.QueueMeta(
-                key=self.task_queue.key, mode=int(mode), workers=0 if attach else max_workers,
-                wire=WIRE_VERSION, owner_pid=self.pid, owner_token=self.token,
-                reply_key=self.reply_queue.key, private=key is None))
         except BaseException:
             self.release_resources()
             raise
+
+    def write_meta(self, key: int | None, mode: Mode, attach: bool, max_workers: int) -> None:
+        """Record this producer in meta.json (see :mod:`mqexecutor.persistence`)."""
+        persistence.write_meta(self.subdir, persistence.QueueMeta(
+            key=self.task_queue.key, mode=int(mode), workers=0 if attach else max_workers,
+            wire=WIRE_VERSION, owner_pid=self.pid, owner_token=self.token,
+            reply_key=self.reply_queue.key, private=key is None))
 
     def fit_to_queue(self) -> None:
         """Largest body that fits one message: msgmax, or the queue's capacity
