@@ -22,7 +22,7 @@ import cloudpickle
 
 from . import spill
 
-__all__ = ["dumps", "loads", "PROTOCOL", "function_reference", "load_function",
+__all__ = ["dumps", "loads", "PROTOCOL", "PLAIN_TYPES", "function_reference", "load_function",
            "holder"]
 
 PROTOCOL = 5
@@ -81,7 +81,8 @@ def _raw(buffers: list) -> bool:
 
 
 #: Types pickled by the C pickler alone: no buffers, no ``__main__`` reference.
-_PLAIN = frozenset((type(None), bool, int, float, complex, str, bytes))
+#: Types whose pickle needs neither cloudpickle nor out-of-band buffers.
+PLAIN_TYPES = frozenset((type(None), bool, int, float, complex, str, bytes))
 
 #: Callables that pickle as a reference (module and qualified name), never state.
 _BY_REFERENCE = frozenset((types.FunctionType, types.BuiltinFunctionType, type))
@@ -176,7 +177,7 @@ def dumps(obj: Any, inline_max: int, subdir: str) -> tuple[bytes, bool]:
         Whatever pickling raises (e.g. ``pickle.PicklingError``, ``TypeError``),
         and ``OSError`` when a spill file cannot be written.
     """
-    if type(obj) in _PLAIN:
+    if type(obj) in PLAIN_TYPES:
         data = pickle.dumps(obj, protocol=PROTOCOL)
         if len(data) <= inline_max:
             return data, False

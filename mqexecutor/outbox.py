@@ -30,6 +30,8 @@ __all__ = ["Outbox", "Route", "outbox_path", "create", "drain", "HEAD_SIZE"]
 
 _HEAD = struct.Struct("<IIiiQ")
 HEAD_SIZE = _HEAD.size
+_COUNT_USED = struct.Struct("<II")  # the first two fields of the head
+_ROUTE = struct.Struct("<iiQ")  # the last three, at offset 8
 _LEN = struct.Struct("<I")
 #: No message is shorter than its header (protocol.HEADER_SIZE).
 MIN_MESSAGE = 40
@@ -92,23 +94,36 @@ class Outbox:
         """Whether a message of ``nbytes`` bytes still fits."""
         return self.used + 4 + nbytes <= self.capacity
 
-    def add(self, route: Route, message: bytes) -> None:
+    def add(self, route: Route | tuple[int, int, int], message: bytes) -> None:
         """Keep ``message`` (a whole RESULT message) for ``route``; all the
-        entries of one outbox share a route. The caller checked :meth:`fits`."""
+        entries of one outbox share a route, the first one's (the caller
+        flushes before the route changes). The caller checked :meth:`fits`."""
+        mm = self._mm
         off = HEAD_SIZE + self.used
         n = len(message)
-        _LEN.pack_into(self._mm, off, n)
-        self._mm[off + 4:off + 4 + n] = message
+        _LEN.pack_into(mm, off, n)
+        mm[off + 4:off + 4 + n] = message
+        if not self.count:
+            _ROUTE.pack_into(mm, 8, route[0], route[1], route[2])
         self.used += 4 + n
         self.count += 1
-        _HEAD.pack_into(self._mm, 0, self.count, self.used, route.reply, route.pid,
-                        route.token)
+        _COUNT_USED.pack_into(mm, 0, self.count, self.used)  # last: the entry is in
+
+    def body(self) -> bytes:
+        """The entries, as the body of a RESULT BATCH message (the layout of
+        :func:`mqexecutor.protocol.join_batch`)."""
+        return self._mm[HEAD_SIZE:HEAD_SIZE + self.used]
+
+    def first(self) -> bytes:
+        """The message of the first entry (the outbox holds one or more)."""
+        (n,) = _LEN.unpack_from(self._mm, HEAD_SIZE)
+        return self._mm[HEAD_SIZE + 4:HEAD_SIZE + 4 + n]
 
     def clear(self) -> None:
         """Forget every entry (they were sent)."""
         self.count = 0
         self.used = 0
-        _HEAD.pack_into(self._mm, 0, 0, 0, 0, 0, 0)
+        _COUNT_USED.pack_into(self._mm, 0, 0, 0)
 
     def close(self) -> None:
         try:

@@ -36,6 +36,7 @@ from typing import Any
 import sysv_ipc
 
 from . import codec, deadletter, outbox, persistence, queues, spill
+from .codec import PLAIN_TYPES, PROTOCOL
 from .limits import msgmax
 from .protocol import (
     F_BATCH,
@@ -49,7 +50,7 @@ from .protocol import (
     ProtocolError,
     Status,
     build,
-    join_batch,
+    ok_result,
     parse,
     split_batch,
     task_payload,
@@ -358,8 +359,14 @@ def _result_message(status: int, task_id: int, token: int, wid: int, obj: Any,
 
 
 def _encode_outcome(status: int, task_id: int, token: int, wid: int, obj: Any,
-                    inline_max: int, subdir: str, authkey: bytes | None = None) -> bytes:
-    """Pickle an outcome; when that fails, pickle the failure instead."""
+                    inline_max: int, subdir: str, authkey: bytes | None = None,
+                    pid: int = 0) -> bytes:
+    """Pickle an outcome; when that fails, pickle the failure instead. ``pid``:
+    this process's, when the caller knows it."""
+    if not status and authkey is None and type(obj) in PLAIN_TYPES:
+        data = pickle.dumps(obj, PROTOCOL)  # a plain return value: the short way
+        if len(data) <= inline_max:
+            return ok_result(task_id, token, pid or os.getpid(), wid, data)
     if authkey:
         inline_max -= 32
     try:
@@ -433,8 +440,6 @@ class _Outbox:
         self.limit = msgmax() - HEADER_SIZE
         if self.box is not None:
             self.limit = min(self.limit, self.box.capacity)
-        self.messages: list[bytes] = []
-        self.size = 0
         self.since = 0.0
         self.busy = 0.0  # seconds spent running the tasks of the waiting results
         self.route = outbox.Route(0, 0, 0)
@@ -444,30 +449,32 @@ class _Outbox:
 
     def add(self, reply: int, pid: int, token: int, message: bytes, busy: float) -> None:
         """Keep (or send) the result ``message`` of a task that ran ``busy`` seconds."""
-        route = outbox.Route(reply, pid, token)
         with self.lock:
-            if self.box is None or 4 + len(message) > self.limit:
+            box = self.box
+            if box is None or 4 + len(message) > self.limit:
                 self._flush()
-                self.send(route, message, [message])
+                self.send(outbox.Route(reply, pid, token), message, [message])
                 return
-            if self.messages and (route != self.route
-                                  or self.size + 4 + len(message) > self.limit):
-                self._flush()
-            if not self.messages:
-                self.route = route
+            if box.count:
+                route = self.route
+                if (reply != route.reply or pid != route.pid or token != route.token
+                        or box.used + 4 + len(message) > self.limit):
+                    self._flush()
+            if not box.count:
+                self.route = outbox.Route(reply, pid, token)
                 self.since = time.monotonic()
                 if self.flusher is None:
                     self.flusher = threading.Thread(target=self._flush_late,
                                                     name="mqexecutor-outbox", daemon=True)
                     self.flusher.start()
                 self.waiting.set()
-            self.box.add(route, message)
-            self.messages.append(message)
-            self.size += 4 + len(message)
+            box.add(self.route, message)
             self.busy += busy
 
     def due(self) -> bool:
-        return bool(self.messages) and time.monotonic() - self.since >= self.FLUSH_AGE
+        box = self.box
+        return (box is not None and box.count > 0
+                and time.monotonic() - self.since >= self.FLUSH_AGE)
 
     def flush(self) -> None:
         with self.lock:
@@ -475,10 +482,12 @@ class _Outbox:
 
     def _flush_late(self) -> None:
         """The flusher thread: send what waits once the oldest is FLUSH_AGE old."""
+        box = self.box
+        assert box is not None
         while True:
             self.waiting.wait()
             with self.lock:
-                if not self.messages:
+                if not box.count:
                     self.waiting.clear()
                     continue
                 delay = self.since + self.FLUSH_AGE - time.monotonic()
@@ -489,23 +498,25 @@ class _Outbox:
             time.sleep(delay)
 
     def _flush(self) -> None:
-        messages = self.messages
-        if not messages:
+        box = self.box
+        if box is None or not box.count:
             return
-        self.messages = []
-        self.size = 0
         busy_us = min(int(self.busy * 1e6), 2**63) or 1
         self.busy = 0.0
-        if len(messages) == 1:
-            message = messages[0]
+        route = self.route
+        if box.count == 1:
+            message = box.first()
+            inner = [message]
         else:  # the inner messages carry their own HMAC: the outer header none;
             # its task id field tells how long the tasks ran (microseconds)
-            message = build(Kind.RESULT, F_BATCH, 0, busy_us, self.route.token, 0,
-                            os.getpid(), self.worker.cfg.worker_id,
-                            join_batch(messages))
-        self.send(self.route, message, messages)
-        if self.box is not None:
-            self.box.clear()
+            body = box.body()
+            message = build(Kind.RESULT, F_BATCH, 0, busy_us, route.token, 0,
+                            self.worker.pid, self.worker.cfg.worker_id, body)
+            inner = []
+        if not self.worker.replier.send(route.reply, message, route.pid, route.token):
+            _drop_results(inner or split_batch(memoryview(message)[HEADER_SIZE:]),
+                          route.pid, route.token)
+        box.clear()
 
     def send(self, route: outbox.Route, message: bytes, inner: list[bytes]) -> None:
         if not self.worker.replier.send(route.reply, message, route.pid, route.token):
@@ -515,6 +526,7 @@ class _Outbox:
 class _Worker:
     def __init__(self, cfg: WorkerConfig):
         self.cfg = cfg
+        self.pid = os.getpid()
         self.queue = sysv_ipc.MessageQueue(cfg.task_key, 0, max_message_size=msgmax())
         self.board = Scoreboard(cfg.scoreboard_path, cfg.worker_id + 1)
         self.replier = _Replier()
@@ -703,7 +715,7 @@ class _Worker:
                     ran = time.perf_counter() - started
                 del fn, args, kwargs
             msg = _encode_outcome(status, h.task_id, h.token, cfg.worker_id, outcome,
-                                  self.inline_max, subdir, cfg.authkey)
+                                  self.inline_max, subdir, cfg.authkey, self.pid)
             del outcome
             if results is not None:
                 results.add(h.reply, h.pid, h.token, msg, ran)
