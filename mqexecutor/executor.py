@@ -21,6 +21,7 @@ import errno
 import itertools
 import multiprocessing
 import multiprocessing.connection
+import operator
 import os
 import pickle
 import random
@@ -234,6 +235,33 @@ class MQFuture(Future):
     #: Until a callback is added: one object less per pending task to scan.
     _done_callbacks: list | tuple = ()
 
+    # The task itself, while it is pending (the pool's bookkeeping: kept on the
+    # Future rather than in an object of its own, one object less per pending
+    # task to make and for the garbage collector to scan). Class defaults until
+    # ``_task`` sets them.
+    _message = b""  # the whole TASK message; b"" once sent, unless _keep
+    _mtype = 0  # its SysV message type
+    _worker = -1  # targeted mode: the worker it goes to; -1 in preemptive mode
+    _spill_ref: str | None = None  # its spill file, when it has one
+    _retries = 0  # runs left after a worker death
+    _attempts = 0  # times it was sent
+    _keep = False  # keep _message: it may be sent again
+    #: The Futures whose tasks went in one BATCH message with this one.
+    _batch: list[MQFuture] | None = None
+
+    def _task(self, message: bytes, mtype: int, worker: int, spill_ref: str | None,
+              retries: int, keep: bool) -> None:
+        self._message = message
+        self._mtype = mtype
+        if worker >= 0:
+            self._worker = worker
+        if spill_ref is not None:
+            self._spill_ref = spill_ref
+        if retries:
+            self._retries = retries
+        if keep:
+            self._keep = keep
+
     def add_done_callback(self, fn: Callable[[Future], object]) -> None:
         """As ``concurrent.futures.Future.add_done_callback``."""
         with self._condition:
@@ -351,22 +379,6 @@ class MQFuture(Future):
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f" task_id={self.task_id}>"
-
-
-class _WorkItem:
-    __slots__ = ("future", "message", "mtype", "worker", "spill_ref", "retries", "attempts",
-                 "keep")
-
-    def __init__(self, future: MQFuture, message: bytes, mtype: int, worker: int,
-                 spill_ref: str | None, retries: int = 0, keep: bool = False):
-        self.future = future
-        self.message = message
-        self.mtype = mtype
-        self.worker = worker
-        self.spill_ref = spill_ref
-        self.retries = retries  # runs left after a worker death
-        self.attempts = 0
-        self.keep = keep  # keep the message: it may be sent again
 
 
 def _spill_reference(task_message: bytes) -> str:
@@ -494,14 +506,16 @@ class _PoolState:
         self.abandon = False
         self.completed = 0
         self.lock = threading.RLock()
-        self.backlog: collections.deque[_WorkItem] = collections.deque()
-        self.pending: dict[int, _WorkItem] = {}
+        self.backlog: collections.deque[MQFuture] = collections.deque()
+        self.pending: dict[int, MQFuture] = {}
+        # Targeted mode: tasks given to each worker (changed under the lock) and
+        # outcomes taken for each (by the collector alone, without the lock, so
+        # that it never waits on submit() for it); the difference is the load.
         self.outstanding = [0] * max_workers
+        self.finished = [0] * max_workers
         self.ids = itertools.count(1)
         self.processes: dict[int, multiprocessing.process.BaseProcess] = {}
         self.handled: set[int] = set()  # pids of exited workers already dealt with
-        # Batches in flight: task id -> the items sent in one message with it.
-        self.batch_of: dict[int, list[_WorkItem]] = {}
         self.batch_limit = 1  # tasks per message, adapted to the task rate
         self.batch_fixed = False
         # A private queue gets at most `depth` messages at a time: the other
@@ -661,13 +675,15 @@ class _PoolState:
                 if not self.room():
                     return False
                 item = backlog[0]
-                fut = item.future
-                if fut.cancelled():
+                if item._state in _DONE_STATES:
+                    # cancelled, or completed by a result that came before it
+                    # was sent again (a duplicate): nothing to send
                     backlog.popleft()
                     self.forget(item)
-                    fut.set_running_or_notify_cancel()
+                    if item._state in _CANCELLED_STATES:
+                        item.set_running_or_notify_cancel()
                     continue
-                if self.batch_limit > 1 and len(backlog) > 1 and item.spill_ref is None:
+                if self.batch_limit > 1 and len(backlog) > 1 and item._spill_ref is None:
                     sent_n = self.send_batch()
                     if sent_n > 1:
                         continue
@@ -679,7 +695,7 @@ class _PoolState:
                 except BaseException as exc:  # noqa: BLE001 - fail the task, keep feeding
                     backlog.popleft()
                     self.forget(item)
-                    fut.set_exception(exc if isinstance(exc, BrokenMQPool)
+                    item.set_exception(exc if isinstance(exc, BrokenMQPool)
                                       else BrokenMQPool(f"sending the task failed: {exc!r}"))
                     continue
                 if not sent:
@@ -687,7 +703,7 @@ class _PoolState:
                 backlog.popleft()
             return True
 
-    def send_now(self, item: _WorkItem) -> bool:
+    def send_now(self, item: MQFuture) -> bool:
         """Send a task straight to the kernel queue (caller holds the lock).
 
         The Future turns RUNNING just before msgsnd, because a worker may answer
@@ -696,10 +712,10 @@ class _PoolState:
         and no result can arrive before the message is sent, so the Future's own
         condition is not needed (PENDING -> RUNNING notifies no waiter).
         Returns False when the queue is full."""
-        fut = item.future
+        fut = item
         fut._state = _RUNNING
         try:
-            self.task_queue.send(item.message, block=False, type=item.mtype)
+            self.task_queue.send(item._message, block=False, type=item._mtype)
         except BaseException as exc:
             fut._state = _PENDING
             if isinstance(exc, sysv_ipc.BusyError) or type(exc) is sysv_ipc.Error:
@@ -707,9 +723,9 @@ class _PoolState:
             if isinstance(exc, (sysv_ipc.Error, OSError)):
                 raise BrokenMQPool(f"the task queue is gone: {exc}") from None
             raise
-        item.attempts += 1
-        if not item.keep:
-            item.message = b""
+        item._attempts += 1
+        if not item._keep:
+            item._message = b""
         return True
 
     def send_batch(self) -> int:
@@ -721,18 +737,18 @@ class _PoolState:
         backlog = self.backlog
         first = backlog[0]
         limit = self.inline_max + HEADER_SIZE - 64
-        items: list[_WorkItem] = []
-        skipped: list[_WorkItem] = []
+        items: list[MQFuture] = []
+        skipped: list[MQFuture] = []
         size = 0
         scan = self.batch_limit * (self.max_workers if self.targeted else 1)
         for item in itertools.islice(backlog, scan):
-            if item.mtype != first.mtype:
+            if item._mtype != first._mtype:
                 if not self.targeted:
                     break
                 skipped.append(item)
                 continue
-            msg = item.message
-            if (item.spill_ref is not None or item.future._state in _CANCELLED_STATES
+            msg = item._message
+            if (item._spill_ref is not None or item._state in _CANCELLED_STATES
                     or size + 4 + len(msg) > limit):
                 break
             items.append(item)
@@ -745,19 +761,19 @@ class _PoolState:
             except BrokenMQPool as exc:
                 backlog.popleft()
                 self.forget(first)
-                first.future.set_exception(exc)
+                first.set_exception(exc)
                 return 1
-        body = join_batch([it.message for it in items])
+        body = join_batch([it._message for it in items])
         flags = F_BATCH | (F_TARGETED if self.targeted else 0)
-        message = build(Kind.TASK, flags, 0, first.future.task_id, self.token,
-                        self.reply_queue.key, self.pid, first.worker, body)
+        message = build(Kind.TASK, flags, 0, first.task_id, self.token,
+                        self.reply_queue.key, self.pid, first._worker, body)
         for it in items:  # as in send_now
-            it.future._state = _RUNNING
+            it._state = _RUNNING
         try:
-            self.task_queue.send(message, block=False, type=first.mtype)
+            self.task_queue.send(message, block=False, type=first._mtype)
         except BaseException as exc:
             for it in items:
-                it.future._state = _PENDING
+                it._state = _PENDING
             if isinstance(exc, sysv_ipc.BusyError) or type(exc) is sysv_ipc.Error:
                 return 0
             if isinstance(exc, (sysv_ipc.Error, OSError)):
@@ -767,8 +783,8 @@ class _PoolState:
             backlog.popleft()
         backlog.extendleft(reversed(skipped))
         for it in items:
-            it.attempts += 1
-            self.batch_of[it.future.task_id] = items  # kept: may be sent again
+            it._attempts += 1
+            it._batch = items  # kept: may be sent again
         return len(items)
 
     def note_results(self, n: int) -> None:
@@ -804,16 +820,16 @@ class _PoolState:
         n, busy = self.busy_mark
         self.busy_mark = (n + tasks, busy + seconds)
 
-    def forget(self, item: _WorkItem) -> None:
+    def forget(self, item: MQFuture) -> None:
         """Drop a task that will not run (caller holds the lock)."""
-        self.pending.pop(item.future.task_id, None)
+        self.pending.pop(item.task_id, None)
         if self.journal is not None:
-            self.journal.forget(self.token, item.future.task_id)
-        if item.worker >= 0:
-            self.outstanding[item.worker] -= 1
-        if item.spill_ref:
-            spill.discard(item.spill_ref)
-            item.spill_ref = None
+            self.journal.forget(self.token, item.task_id)
+        if item._worker >= 0:
+            self.outstanding[item._worker] -= 1
+        if item._spill_ref:
+            spill.discard(item._spill_ref)
+            item._spill_ref = None
 
     def withdraw_queued(self) -> None:
         """Take this executor's tasks back from the kernel queue and cancel them
@@ -843,7 +859,7 @@ class _PoolState:
                         item = self.pending.get(h.task_id)
                         if item is None:
                             continue
-                        if item.future._withdraw():
+                        if item._withdraw():
                             self.forget(item)
                             if h.flags & F_SPILL:
                                 spill.discard(_spill_reference(raw))
@@ -855,20 +871,25 @@ class _PoolState:
             while self.backlog:
                 item = self.backlog.popleft()
                 self.forget(item)
-                if item.future.cancel():
-                    item.future.set_running_or_notify_cancel()
+                if item.cancel():
+                    item.set_running_or_notify_cancel()
 
     # -- outcomes --------------------------------------------------------------------
-    def take(self, task_id: int) -> _WorkItem | None:
-        if self.batch_of:
-            self.batch_of.pop(task_id, None)
-        if not self.targeted:
-            return self.pending.pop(task_id, None)  # atomic under the GIL
-        with self.lock:
-            item = self.pending.pop(task_id, None)
-            if item is not None and item.worker >= 0:
-                self.outstanding[item.worker] -= 1
-            return item
+    def take(self, task_id: int) -> MQFuture | None:
+        """Remove the pending task ``task_id`` whose outcome came (the collector
+        thread only: it alone counts ``finished``). Returns None when it is not
+        pending anymore."""
+        item = self.pending.pop(task_id, None)  # atomic under the GIL
+        if item is not None:
+            if item._worker >= 0:
+                self.finished[item._worker] += 1
+            item._batch = None  # what a Future the caller keeps need not keep
+            item._message = b""
+        return item
+
+    def loads(self) -> list[int]:
+        """Targeted mode: the tasks each worker has been given and not answered."""
+        return list(map(operator.sub, self.outstanding, self.finished))
 
     def break_pool(self, message: str) -> None:
         """Fail every pending Future with BrokenMQPool; later submits raise it."""
@@ -878,13 +899,13 @@ class _PoolState:
             items = list(self.pending.values())
             self.pending.clear()
             self.backlog.clear()
-            self.outstanding = [0] * self.max_workers
+            self.outstanding = list(self.finished)
         for item in items:
-            if item.spill_ref:
-                spill.discard(item.spill_ref)
+            if item._spill_ref:
+                spill.discard(item._spill_ref)
             if self.journal is not None:
-                self.journal.forget(self.token, item.future.task_id)
-            fut = item.future
+                self.journal.forget(self.token, item.task_id)
+            fut = item
             if not fut.done():
                 try:
                     fut.set_exception(BrokenMQPool(message))
@@ -903,7 +924,7 @@ class _PoolState:
         self.wake()
 
 
-def _set_outcome(item: _WorkItem, fut: MQFuture, status: int, value: Any,
+def _set_outcome(item: MQFuture, fut: MQFuture, status: int, value: Any,
                  worker: int) -> None:
     try:
         if status == Status.OK:
@@ -982,19 +1003,84 @@ def _handle_message(state: _PoolState, raw: bytes) -> int:
     if len(raw) >= HEADER_SIZE and raw[4] & F_BATCH and raw[:2] == b"MQ":
         try:
             h = unpack_header(raw)
-            inner = split_batch(memoryview(raw)[HEADER_SIZE:])
+            if h.kind != Kind.RESULT or h.token != state.token:
+                return 0
+            if state.authkey is None and state.journal is None:
+                n = _handle_plain_batch(state, raw)
+            else:
+                inner = split_batch(memoryview(raw)[HEADER_SIZE:])
+                for message in inner:  # each checked on its own (HMAC included)
+                    _handle_result(state, message)
+                n = len(inner)
         except ProtocolError as exc:
             sys.stderr.write(f"mqexecutor: refused a message on the reply queue: {exc}\n")
             return 0
-        if h.kind != Kind.RESULT or h.token != state.token:
-            return 0
-        for message in inner:  # each checked on its own (HMAC included)
-            _handle_result(state, message)
         if h.task_id:  # microseconds the worker spent running these tasks
-            state.note_busy(len(inner), h.task_id / 1e6)
-        return len(inner)
+            state.note_busy(n, h.task_id / 1e6)
+        return n
     _handle_result(state, raw)
     return 1
+
+
+_ENTRY = struct.Struct("<I" + HEADER_FORMAT[1:])  # a batch entry's length, then header
+
+
+def _handle_plain_batch(state: _PoolState, raw: bytes) -> int:
+    """The results of a RESULT BATCH, read in place (no copy per entry): a
+    plain return value completes its Future here; any other entry (exception,
+    spill file, stale, odd) goes through :func:`_handle_result`. Only without
+    authkey and journal. Returns how many entries it held.
+
+    Raises:
+        ProtocolError: an entry runs past the end of the message (the entries
+            before it are handled).
+    """
+    view = memoryview(raw)
+    end = len(raw)
+    off = HEADER_SIZE
+    token = state.token
+    pending = state.pending
+    finished = state.finished
+    count = done = 0
+    try:
+        while off < end:
+            if off + _ENTRY.size > end:
+                raise ProtocolError("batch entry shorter than a header")
+            (n, magic, version, kind, flags, status, task_id, tok, _reply, _pid, _worker,
+             length) = _ENTRY.unpack_from(raw, off)
+            start = off + 4
+            off = start + n
+            if n < HEADER_SIZE or off > end:
+                raise ProtocolError(f"batch entry of {n} bytes does not fit the batch body")
+            count += 1
+            item = pending.get(task_id)
+            if (item is None or flags or status or tok != token or length != n - HEADER_SIZE
+                    or (magic, version, kind) != _PLAIN_RESULT or item._keep and item._spill_ref
+                    or pending.pop(task_id, None) is None):
+                _handle_result(state, bytes(view[start:off]))
+                continue
+            if item._worker >= 0:
+                finished[item._worker] += 1
+            item._batch = None  # as take()
+            item._message = b""
+            done += 1
+            _set_value(state, item, view[start + HEADER_SIZE:off])
+    finally:
+        state.completed += done
+    return count
+
+
+def _set_value(state: _PoolState, fut: MQFuture, data: memoryview) -> None:
+    """Complete ``fut`` (taken from pending) with the return value pickled in ``data``."""
+    try:
+        value = pickle.loads(data)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
+        _unpickling_failed(state, fut, fut.task_id, exc)
+        return
+    try:
+        fut.set_result(value)
+    except _futures_base.InvalidStateError:
+        pass  # cancelled or failed meanwhile
 
 
 _HEADER = struct.Struct(HEADER_FORMAT)
@@ -1012,19 +1098,11 @@ def _handle_result(state: _PoolState, raw: bytes) -> None:
             item = state.pending.get(task_id)
             if item is None:
                 return  # not ours anymore (e.g. cancelled at shutdown)
-            if not (item.keep and item.spill_ref) and state.journal is None:
+            if not (item._keep and item._spill_ref) and state.journal is None:
                 if state.take(task_id) is None:
                     return
                 state.completed += 1
-                try:
-                    value = pickle.loads(memoryview(raw)[HEADER_SIZE:])
-                except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
-                    _unpickling_failed(state, item.future, task_id, exc)
-                    return
-                try:
-                    item.future.set_result(value)
-                except _futures_base.InvalidStateError:
-                    pass  # cancelled or failed meanwhile
+                _set_value(state, item, memoryview(raw)[HEADER_SIZE:])
                 return
     try:
         h, body = parse(raw, state.authkey)
@@ -1054,9 +1132,9 @@ def _handle_result(state: _PoolState, raw: bytes) -> None:
         if spilled:
             spill.discard(bytes(body).decode("ascii", "replace"))
         return
-    if item.keep and item.spill_ref:
-        spill.discard(item.spill_ref)  # normally gone already: the worker unlinks it
-    fut = item.future
+    if item._keep and item._spill_ref:
+        spill.discard(item._spill_ref)  # normally gone already: the worker unlinks it
+    fut = item
     state.completed += 1
     try:
         value = codec.loads(body, spilled)
@@ -1091,33 +1169,34 @@ def _worker_died(state: _PoolState, task_id: int, body: Any, spilled: bool) -> N
         err = TerminatedWorkerError(f"the task worker running task {task_id} died "
                                     f"({exc!r})", task_id=task_id)
     with state.lock:
-        again: list[_WorkItem] = []
-        lost: list[_WorkItem] = []
-        batch = state.batch_of.get(task_id)
+        again: list[MQFuture] = []
+        lost: list[MQFuture] = []
+        dead = state.pending.get(task_id)
+        batch = dead._batch if dead is not None else None
         if batch is not None:
-            ids = [it.future.task_id for it in batch]
+            ids = [it.task_id for it in batch]
             at = ids.index(task_id) if task_id in ids else len(batch)
-            again = [it for it in batch[at + 1:] if it.future.task_id in state.pending
-                     and not it.future.done() and it.message]
+            again = [it for it in batch[at + 1:] if it.task_id in state.pending
+                     and not it.done() and it._message]
             # Tasks before it in the batch ran, but their results were still in
             # the worker's outbox: run them again if they have retries left.
             for it in batch[:at]:
-                if it.future.task_id not in state.pending or it.future.done():
+                if it.task_id not in state.pending or it.done():
                     continue
-                if it.retries > 0 and it.message:
-                    it.retries -= 1
+                if it._retries > 0 and it._message:
+                    it._retries -= 1
                     again.append(it)
                 else:
-                    lost.append(state.take(it.future.task_id) or it)
+                    lost.append(state.take(it.task_id) or it)
         item = state.pending.get(task_id)
-        if item is not None and not item.future.done() and item.retries > 0 and item.message:
-            item.retries -= 1  # run it again (retries=)
+        if item is not None and not item.done() and item._retries > 0 and item._message:
+            item._retries -= 1  # run it again (retries=)
             again.insert(0, item)
             item = None
         elif item is not None:
             item = state.take(task_id)
         for it in reversed(again):
-            state.batch_of.pop(it.future.task_id, None)
+            it._batch = None
             state.backlog.appendleft(it)
     if again:
         state.feed()
@@ -1125,23 +1204,23 @@ def _worker_died(state: _PoolState, task_id: int, body: Any, spilled: bool) -> N
     for it in lost:
         reason = err.args[0] if isinstance(err, BaseException) and err.args else str(err)
         _fail_item(state, it, TerminatedWorkerError(
-            f"task {it.future.task_id} ran, but its result was lost: {reason}",
+            f"task {it.task_id} ran, but its result was lost: {reason}",
             worker_id=getattr(err, "worker_id", -1), pid=getattr(err, "pid", 0),
-            exitcode=getattr(err, "exitcode", None), task_id=it.future.task_id))
-    if item is None or item.future.done():
+            exitcode=getattr(err, "exitcode", None), task_id=it.task_id))
+    if item is None or item.done():
         return
     _fail_item(state, item, err)
 
 
-def _fail_item(state: _PoolState, item: _WorkItem, err: BaseException) -> None:
+def _fail_item(state: _PoolState, item: MQFuture, err: BaseException) -> None:
     """Fail the Future of a task whose worker died (already taken from pending)."""
-    fut = item.future
+    fut = item
     if isinstance(err, TerminatedWorkerError):
         err.fn_name = fut.fn_name
-        tries = f" (attempt {item.attempts})" if item.attempts > 1 else ""
+        tries = f" (attempt {item._attempts})" if item._attempts > 1 else ""
         err.args = (f"{err.args[0]} ({fut.fn_name}){tries}",)
-    if item.spill_ref and item.keep:
-        spill.discard(item.spill_ref)
+    if item._spill_ref and item._keep:
+        spill.discard(item._spill_ref)
     if state.journal is not None:
         state.journal.forget(state.token, fut.task_id)
     try:
@@ -1313,7 +1392,7 @@ def _teardown(state: _PoolState) -> None:
         state.pending.clear()
         state.backlog.clear()
     for item in items:
-        fut = item.future
+        fut = item
         if fut.done():
             continue
         if fut.running():  # still in the kernel queue: it stays there
@@ -1321,8 +1400,8 @@ def _teardown(state: _PoolState) -> None:
             continue
         if fut.cancel():
             fut.set_running_or_notify_cancel()
-        if item.spill_ref and state.journal is None:
-            spill.discard(item.spill_ref)  # durable: the next owner runs it
+        if item._spill_ref and state.journal is None:
+            spill.discard(item._spill_ref)  # durable: the next owner runs it
     state.release_resources()
 
 
@@ -1752,8 +1831,9 @@ class MQExecutor(Executor):
                 durable = state.journal is not None
                 if state.journal is not None:
                     state.journal.move((h.token, h.task_id), (state.token, task_id), message)
-                item = _WorkItem(fut, message, mtype, worker, ref,
-                                 keep=durable or bool(h.flags & F_KEEP_SPILL))
+                fut._task(message, mtype, worker, ref, 0,
+                          durable or bool(h.flags & F_KEEP_SPILL))
+                item = fut
                 state.pending[task_id] = item
                 state.backlog.append(item)
                 self._recovered.append(fut)
@@ -1931,11 +2011,12 @@ class MQExecutor(Executor):
                 if target is None:
                     # The least busy worker; on a tie the one used last, which
                     # may still be polling for its next task (queues.SPIN_SECONDS).
-                    out = state.outstanding
                     target = state.last_target
-                    if out[target] != min(out):
-                        target = state.last_target = min(range(len(out)),
-                                                          key=out.__getitem__)
+                    if state.outstanding[target] != state.finished[target]:
+                        loads = state.loads()
+                        least = min(loads)
+                        if loads[target] != least:
+                            target = state.last_target = loads.index(least)
                 state.outstanding[target] += 1
                 fut.worker_id = target
                 mtype, worker = targeted_mtype(target), target
@@ -1944,7 +2025,8 @@ class MQExecutor(Executor):
             assert state.reply_queue is not None
             message = build(Kind.TASK, flags, 0, task_id, state.token, state.reply_queue.key,
                             state.pid, worker, prefix + body, state.authkey)
-            item = _WorkItem(fut, message, mtype, worker, spill_ref, retries, keep)
+            fut._task(message, mtype, worker, spill_ref, retries, keep)
+            item = fut
             if state.journal is not None:
                 try:
                     state.journal.record(state.token, task_id, message)

@@ -13,20 +13,35 @@ rest waits in the backlog); a queue on an explicit key takes all it can hold.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
+import pickle
 import struct
+import time
+import weakref
 from collections.abc import Iterator
 
 import pytest
+import sysv_ipc
 
 import mqexecutor
 from mqexecutor import Mode, TerminatedWorkerError, ipcinfo, outbox
 from mqexecutor import executor as executor_module
-from mqexecutor.protocol import F_BATCH, HEADER_FORMAT, HEADER_SIZE, Kind, build
+from mqexecutor.protocol import (
+    F_BATCH,
+    HEADER_FORMAT,
+    HEADER_SIZE,
+    RESULT_MTYPE,
+    Kind,
+    Status,
+    build,
+    join_batch,
+)
 from tests.helpers import (
     Gate,
     gated,
+    gated_identity,
     pool,
     remove_test_key,
     square,
@@ -56,10 +71,6 @@ def _backlog(ex, gate, fn, *extra, n=N):
     futures = [ex.submit(fn, i, *extra) for i in range(n)]
     assert ex.stats().backlog > 0, "the test needs tasks waiting in the backlog"
     return blocker, futures
-
-
-def _batches_seen(ex) -> int:
-    return len(ex._state.batch_of)
 
 
 @pytest.mark.timeout(60)
@@ -415,7 +426,7 @@ def test_a_long_task_does_not_hold_back_the_results_before_it_in_its_batch(tmp_p
                 "the quick results waited for the long task of their batch"
             assert not slow.done()
             assert [f.result() for f in quick] == list(range(10))
-            assert any(len(b) > 1 for b in [ex._state.batch_of.get(slow.task_id) or []])
+            assert len(slow._batch or []) > 1
         finally:
             open(slow_gate, "w").close()
         assert slow.result(timeout=30) == "slow"
@@ -489,3 +500,122 @@ def test_queue_on_an_explicit_key_takes_all_it_can_hold(tmp_path):
             assert [f.result(timeout=30) for f in futures] == [i * i for i in range(HELD)]
     finally:
         remove_test_key(key)
+
+
+# --------------------------------------------------------------------------
+# The collector reads RESULT BATCH entries in place
+# --------------------------------------------------------------------------
+
+
+def _result_batch(token: int, entries: list[bytes], busy_us: int = 5) -> bytes:
+    return build(Kind.RESULT, F_BATCH, 0, busy_us, token, 0, os.getpid(), 0,
+                 join_batch(entries))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", [Mode.PREEMPTIVE, Mode.TARGETED])
+def test_result_batch_with_mixed_entries_completes_each_future(tmp_path, mode):
+    """A RESULT BATCH whose entries are a plain value, an exception, a value
+    for a task id nobody waits for, and another plain value: each entry is
+    handled on its own, in order, and the stale one completes nothing. The
+    pool serves on (the real results, arriving later, are dropped)."""
+    gate = Gate(tmp_path)
+    with pool(max_workers=1, mode=mode) as ex:
+        f, g, h = (ex.submit(gated_identity, gate.path, i) for i in range(3))
+        assert wait_until(lambda: ex.stats().backlog == 0, 10)  # all three sent
+        token = ex._state.token
+        err = ValueError("raised in a forged result")
+        entries = [
+            build(Kind.RESULT, 0, Status.OK, f.task_id, token, 0, 1, 0,
+                  pickle.dumps("f", 5)),
+            build(Kind.RESULT, 0, Status.RAISED, g.task_id, token, 0, 1, 0,
+                  pickle.dumps((err, "Traceback: forged\n"), 5)),
+            build(Kind.RESULT, 0, Status.OK, 10**9, token, 0, 1, 0, pickle.dumps("x", 5)),
+            build(Kind.RESULT, 0, Status.OK, h.task_id, token, 0, 1, 0,
+                  pickle.dumps(["h"], 5)),
+        ]
+        reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
+        reply.send(_result_batch(token, entries), type=RESULT_MTYPE)
+        assert f.result(timeout=10) == "f"
+        assert isinstance(g.exception(timeout=10), ValueError)
+        assert h.result(timeout=10) == ["h"]
+        assert ex.stats().completed == 3
+        gate.open()
+        assert ex.submit(square, 6).result(timeout=30) == 36
+        if mode == Mode.TARGETED:  # the forged outcomes count: worker 0 is free
+            assert ex._state.loads() == [0]
+
+
+@pytest.mark.timeout(60)
+def test_result_batch_with_an_entry_past_its_end_is_refused_from_there(tmp_path, capfd):
+    gate = Gate(tmp_path)
+    with pool(max_workers=1) as ex:
+        f, g = (ex.submit(gated_identity, gate.path, i) for i in range(2))
+        token = ex._state.token
+        good = build(Kind.RESULT, 0, Status.OK, f.task_id, token, 0, 1, 0,
+                     pickle.dumps("f", 5))
+        bad = build(Kind.RESULT, 0, Status.OK, g.task_id, token, 0, 1, 0,
+                    pickle.dumps("g", 5))
+        body = join_batch([good, bad])[:-3]  # the last entry runs past the end
+        message = build(Kind.RESULT, F_BATCH, 0, 5, token, 0, os.getpid(), 0, body)
+        reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
+        reply.send(message, type=RESULT_MTYPE)
+        assert f.result(timeout=10) == "f"
+        time.sleep(0.2)
+        assert not g.done(), "an entry cut short completed its Future"
+        gate.open()
+        assert g.result(timeout=30) == 1  # the real result
+    assert "refused a message on the reply queue" in capfd.readouterr().err
+
+
+def _gc_collect_until(predicate, tries: int = 20) -> bool:
+    for _ in range(tries):
+        gc.collect()
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_kept_future_does_not_keep_its_batch_alive(tmp_path, retries):
+    """A caller that keeps one Future of a batch keeps neither the other
+    Futures sent with it nor (with retries=, which keeps the task message until
+    the outcome) its message."""
+    gate = Gate(tmp_path)
+    with pool(max_workers=1, batch_size=50, retries=retries) as ex:
+        blocker, futures = _backlog(ex, gate, square, n=200)
+        gate.open()
+        blocker.result(timeout=30)
+        assert [f.result(timeout=30) for f in futures] == [i * i for i in range(200)]
+        kept = next(f for f in futures[100:] if f._attempts)  # sent in a batch
+        refs = [weakref.ref(f) for f in futures if f is not kept]
+        del futures, blocker
+        assert _gc_collect_until(lambda: all(r() is None for r in refs)), \
+            f"{sum(r() is not None for r in refs)} Futures the caller dropped are still alive"
+        assert kept._message == b"" and kept._batch is None
+
+
+@pytest.mark.timeout(60)
+def test_a_task_completed_while_in_the_backlog_is_not_sent(tmp_path):
+    """A result for a task still waiting in the backlog (a duplicate: it can
+    only come from a copy sent earlier) completes its Future; the task is then
+    not sent, and its Future stays completed with that result."""
+    gate = Gate(tmp_path)
+    with pool(max_workers=1) as ex:
+        blocker = ex.submit(gated, gate.path, gate.started_dir, "blocker")
+        gate.wait_started(1)
+        others = [ex.submit(gated_identity, gate.path, i) for i in range(4)]
+        late = others[-1]
+        assert late in ex._state.backlog, "the test needs the task in the backlog"
+        reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
+        reply.send(build(Kind.RESULT, 0, Status.OK, late.task_id, ex._state.token, 0, 1, 0,
+                         pickle.dumps("duplicate", 5)), type=RESULT_MTYPE)
+        assert late.result(timeout=10) == "duplicate"
+        gate.open()
+        blocker.result(timeout=30)
+        assert [f.result(timeout=30) for f in others[:-1]] == [0, 1, 2]
+        assert wait_until(lambda: not ex._state.backlog and not ex._state.pending, 10)
+        assert late.done() and late.result(timeout=0) == "duplicate"
+        assert late._attempts == 0, "the completed task was sent anyway"
