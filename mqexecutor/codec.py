@@ -22,8 +22,8 @@ import cloudpickle
 
 from . import spill
 
-__all__ = ["dumps", "loads", "PROTOCOL", "PLAIN_TYPES", "function_reference", "load_function",
-           "holder"]
+__all__ = ["dumps", "dumps_plain_call", "loads", "PROTOCOL", "PLAIN_TYPES",
+           "function_reference", "load_function", "holder"]
 
 PROTOCOL = 5
 
@@ -159,6 +159,23 @@ def load_function(reference: str) -> Any:
         _FUNCTIONS.clear()
     _FUNCTIONS[reference] = hit
     return hit[2]
+
+
+def dumps_plain_call(reference: str, args: tuple, kwargs: dict, inline_max: int
+                     ) -> bytes | None:
+    """The task payload of ``(reference, args, kwargs)`` when every argument is
+    of a plain type (``PLAIN_TYPES``) and the pickle fits in ``inline_max``
+    bytes: what :func:`dumps` would make, in one step. None otherwise (the
+    caller then uses :func:`dumps`)."""
+    for a in args:
+        if type(a) not in PLAIN_TYPES:
+            return None
+    if kwargs:
+        for a in kwargs.values():
+            if type(a) not in PLAIN_TYPES:
+                return None
+    data = pickle.dumps((reference, args, kwargs), PROTOCOL)
+    return data if len(data) <= inline_max else None
 
 
 def dumps(obj: Any, inline_max: int, subdir: str) -> tuple[bytes, bool]:

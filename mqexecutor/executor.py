@@ -216,21 +216,23 @@ class MQFuture(Future):
     """
 
     def __init__(self, task_id: int = 0, fn_name: str = "", lock: Any = None):
-        # The attributes of Future.__init__ (the same from Python 3.8 to 3.14).
+        # The attributes of Future.__init__ (the same from Python 3.8 to 3.14);
+        # _state, _result and _exception start as the class defaults below,
+        # _done_callbacks is made on first use.
         self._condition = _FutureLock()  # type: ignore[assignment]
-        self._state = _PENDING
-        self._result = None
-        self._exception = None
         self._waiters: list = []
-        # _done_callbacks: made on first use (see below)
         self.task_id = task_id
         self.fn_name = fn_name
-        self.worker_id: int | None = None
-        #: For a task inherited from a dead producer (``MQExecutor.recovered``):
-        #: its task id and pid in that producer; None otherwise.
-        self.original_task_id: int | None = None
-        self.original_pid: int | None = None
         self._mq_lock = lock
+
+    _state = _PENDING
+    _result = None
+    _exception = None
+    worker_id: int | None = None
+    #: For a task inherited from a dead producer (``MQExecutor.recovered``):
+    #: its task id and pid in that producer; None otherwise.
+    original_task_id: int | None = None
+    original_pid: int | None = None
 
     #: Until a callback is added: one object less per pending task to scan.
     _done_callbacks: list | tuple = ()
@@ -739,21 +741,27 @@ class _PoolState:
         limit = self.inline_max + HEADER_SIZE - 64
         items: list[MQFuture] = []
         skipped: list[MQFuture] = []
+        parts: list[bytes] = []  # the body: length, message, length, message...
         size = 0
-        scan = self.batch_limit * (self.max_workers if self.targeted else 1)
+        mtype = first._mtype
+        batch_limit = self.batch_limit
+        scan = batch_limit * (self.max_workers if self.targeted else 1)
         for item in itertools.islice(backlog, scan):
-            if item._mtype != first._mtype:
+            if item._mtype != mtype:
                 if not self.targeted:
                     break
                 skipped.append(item)
                 continue
             msg = item._message
-            if (item._spill_ref is not None or item._state in _CANCELLED_STATES
-                    or size + 4 + len(msg) > limit):
+            n = len(msg)
+            if (item._spill_ref is not None or item._state in _DONE_STATES
+                    or size + 4 + n > limit):
                 break
             items.append(item)
-            size += 4 + len(msg)
-            if len(items) >= self.batch_limit:
+            parts.append(_LEN.pack(n))
+            parts.append(msg)
+            size += 4 + n
+            if len(items) >= batch_limit:
                 break
         if len(items) < 2:
             try:
@@ -763,7 +771,7 @@ class _PoolState:
                 self.forget(first)
                 first.set_exception(exc)
                 return 1
-        body = join_batch([it._message for it in items])
+        body = b"".join(parts)
         flags = F_BATCH | (F_TARGETED if self.targeted else 0)
         message = build(Kind.TASK, flags, 0, first.task_id, self.token,
                         self.reply_queue.key, self.pid, first._worker, body)
@@ -1084,6 +1092,7 @@ def _set_value(state: _PoolState, fut: MQFuture, data: memoryview) -> None:
 
 
 _HEADER = struct.Struct(HEADER_FORMAT)
+_LEN = struct.Struct("<I")  # a batch entry's length
 _PLAIN_RESULT = (b"MQ", WIRE_VERSION, int(Kind.RESULT))
 
 
@@ -1974,7 +1983,8 @@ class MQExecutor(Executor):
     def _submit(self, fn: Callable, args: tuple, kwargs: dict,
                 target: int | None, retries: int | None = None) -> MQFuture:
         state = self._state
-        self._check_open()
+        if state.broken is not None or state.shutdown_requested or _interpreter_shutdown:
+            self._check_open()
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         if retries is None:
@@ -1989,12 +1999,15 @@ class MQExecutor(Executor):
                 and not codec.by_value_registry()):
             call = info.reference  # made once; still names this very function
             flags |= F_FN_REF
-        try:
-            room = state.inline_max - len(prefix)
-            body, spilled = codec.dumps((call, args, kwargs), room, state.task_subdir)
-        except Exception as exc:  # noqa: BLE001 - fails the Future, as ProcessPoolExecutor
-            fut.set_exception(exc)
-            return fut
+        room = state.inline_max - len(prefix)
+        body = codec.dumps_plain_call(call, args, kwargs, room) if flags & F_FN_REF else None
+        spilled = False
+        if body is None:
+            try:
+                body, spilled = codec.dumps((call, args, kwargs), room, state.task_subdir)
+            except Exception as exc:  # noqa: BLE001 - fails the Future, as ProcessPoolExecutor
+                fut.set_exception(exc)
+                return fut
         spill_ref = body.decode("ascii") if spilled else None
         if spilled:
             flags |= F_SPILL | (F_KEEP_SPILL if keep else 0)
@@ -2023,8 +2036,14 @@ class MQExecutor(Executor):
             else:
                 mtype, worker = PREEMPTIVE_MTYPE, -1
             assert state.reply_queue is not None
-            message = build(Kind.TASK, flags, 0, task_id, state.token, state.reply_queue.key,
-                            state.pid, worker, prefix + body, state.authkey)
+            if state.authkey is None:  # build() without HMAC, in one step
+                message = _HEADER.pack(b"MQ", WIRE_VERSION, 1, flags, 0, task_id, state.token,
+                                       state.reply_queue.key, state.pid, worker,
+                                       len(prefix) + len(body)) + prefix + body
+            else:
+                message = build(Kind.TASK, flags, 0, task_id, state.token,
+                                state.reply_queue.key, state.pid, worker, prefix + body,
+                                state.authkey)
             fut._task(message, mtype, worker, spill_ref, retries, keep)
             item = fut
             if state.journal is not None:

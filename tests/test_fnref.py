@@ -335,3 +335,31 @@ def test_a_function_rebound_since_its_first_submit_travels_by_value(monkeypatch)
     assert codec.function_reference(original) is None  # not a reference any more
     with pool(max_workers=1) as ex:  # workers forked after the rebinding
         assert ex.submit(original, 2).result(timeout=30) == ("original", 2)
+
+
+class _Int(int):
+    pass
+
+
+@pytest.mark.timeout(10)
+def test_dumps_plain_call_is_dumps_in_one_step_for_plain_arguments():
+    ref = "tests.helpers:square"
+    for args, kwargs in [((), {}), ((7,), {}), ((1, 2.5, "s", b"b", None, True, 3j), {}),
+                         ((), {"x": 1, "y": "z"})]:
+        got = codec.dumps_plain_call(ref, args, kwargs, 8000)
+        assert got == codec.dumps((ref, args, kwargs), 8000, "")[0]
+        assert pickle.loads(got) == (ref, args, kwargs)
+    # anything else is left to dumps(): containers, subclasses, objects
+    for args, kwargs in [(([1],), {}), ((_Int(1),), {}), ((object(),), {}),
+                         ((), {"x": [1]}), ((), {"x": _Int(2)})]:
+        assert codec.dumps_plain_call(ref, args, kwargs, 8000) is None
+    # and a payload that does not fit (dumps() spills it)
+    assert codec.dumps_plain_call(ref, (b"x" * 9000,), {}, 8000) is None
+
+
+@pytest.mark.timeout(60)
+def test_plain_arguments_too_large_for_a_message_still_spill(tmp_path):
+    with pool(max_workers=1) as ex:
+        data = os.urandom(50_000)
+        assert ex.submit(helpers.length, data).result(timeout=30) == len(data)
+        assert ex.submit(square, 12).result(timeout=30) == 144
