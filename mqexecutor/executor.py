@@ -526,6 +526,7 @@ class _PoolState:
         self.hold_back = key is None
         self.depth = 2 * max_workers
         self.last_target = 0  # targeted mode: the worker chosen last by submit()
+        self.target_credit = 0  # ... and how many more it gets before a new choice
         self.rate_mark = (time.monotonic(), 0)
         self.busy_mark = (0, 0.0)  # tasks, seconds reported by workers
         self.shutdown_requested = False
@@ -1923,7 +1924,9 @@ class MQExecutor(Executor):
 
         Never blocks because the kernel queue is full: the task then waits in
         this process. In targeted mode the worker with the fewest outstanding
-        tasks is chosen.
+        tasks is chosen; the worker chosen last keeps getting them while it has
+        fewer than ``batch_limit`` (the tasks packed in one message, 1 unless
+        tasks are short and many wait) more than that.
 
         Raises:
             RuntimeError: after ``shutdown()`` or interpreter shutdown.
@@ -2022,17 +2025,28 @@ class MQExecutor(Executor):
             fut.task_id = task_id
             if state.targeted:
                 if target is None:
-                    # The least busy worker; on a tie the one used last, which
-                    # may still be polling for its next task (queues.SPIN_SECONDS).
+                    # The least busy worker. The one used last keeps the task on
+                    # a tie (it may still be polling for its next task, see
+                    # queues.SPIN_SECONDS), and while tasks go several to a
+                    # message, until it has a message's worth (batch_limit) more
+                    # than the least busy: its tasks then lie together in the
+                    # backlog, ready to be packed.
+                    # Tasks it may take before this is looked at again: credit.
                     target = state.last_target
-                    if state.outstanding[target] != state.finished[target]:
-                        loads = state.loads()
-                        least = min(loads)
-                        if loads[target] != least:
-                            target = state.last_target = loads.index(least)
+                    if state.target_credit > 0:
+                        state.target_credit -= 1
+                    else:
+                        busy = state.outstanding[target] - state.finished[target]
+                        if busy:
+                            loads = state.loads()
+                            least = min(loads)
+                            if busy - least >= state.batch_limit:
+                                target = state.last_target = loads.index(least)
+                                busy = least
+                            state.target_credit = state.batch_limit - 1 - (busy - least)
                 state.outstanding[target] += 1
                 fut.worker_id = target
-                mtype, worker = targeted_mtype(target), target
+                mtype, worker = target + 1, target  # protocol.targeted_mtype
             else:
                 mtype, worker = PREEMPTIVE_MTYPE, -1
             assert state.reply_queue is not None

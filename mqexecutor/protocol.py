@@ -35,7 +35,7 @@ __all__ = [
     "Header", "ProtocolError", "pack_header", "unpack_header", "PREEMPTIVE_MTYPE",
     "RESULT_MTYPE", "CONTROL_MTYPE", "targeted_mtype", "task_body", "split_task_body",
     "task_payload", "replace_route", "build", "parse", "AuthError", "TAG_SIZE", "split_batch",
-    "join_batch", "flatten", "ok_result",
+    "join_batch", "flatten", "ok_result", "batch_entries",
     "F_SPILL", "F_TARGETED", "F_BATCH", "F_AUTH", "F_KEEP_SPILL", "F_FN_REF",
 ]
 
@@ -232,6 +232,29 @@ _new_header = tuple.__new__  # Header(...) without NamedTuple's Python-level __n
 _LEN = struct.Struct("<I")
 
 
+def batch_entries(data: bytes | memoryview, start: int = 0) -> list[tuple[int, int]]:
+    """Where the inner messages of a batch body lie: (offset, length) of each,
+    for a body that begins at ``start`` in ``data`` and runs to its end
+    (see :func:`split_batch`, which copies them out).
+
+    Raises:
+        ProtocolError: a length runs past the end of the body.
+    """
+    end = len(data)
+    out = []
+    offset = start
+    while offset < end:
+        if offset + 4 > end:
+            raise ProtocolError("batch body ends inside a length field")
+        (n,) = _LEN.unpack_from(data, offset)
+        offset += 4
+        if n < HEADER_SIZE or offset + n > end:
+            raise ProtocolError(f"batch entry of {n} bytes does not fit the batch body")
+        out.append((offset, n))
+        offset += n
+    return out
+
+
 def split_batch(body: bytes | memoryview) -> list[bytes]:
     """The inner TASK messages of a BATCH message's body (each a u32 length,
     little-endian, then a whole message with its own header and HMAC).
@@ -240,18 +263,7 @@ def split_batch(body: bytes | memoryview) -> list[bytes]:
         ProtocolError: a length runs past the end of the body.
     """
     view = memoryview(body)
-    out = []
-    offset = 0
-    while offset < len(view):
-        if offset + 4 > len(view):
-            raise ProtocolError("batch body ends inside a length field")
-        (n,) = _LEN.unpack_from(view, offset)
-        offset += 4
-        if n < HEADER_SIZE or offset + n > len(view):
-            raise ProtocolError(f"batch entry of {n} bytes does not fit the batch body")
-        out.append(bytes(view[offset:offset + n]))
-        offset += n
-    return out
+    return [bytes(view[offset:offset + n]) for offset, n in batch_entries(view)]
 
 
 def join_batch(messages: list[bytes]) -> bytes:

@@ -27,6 +27,7 @@ import os
 import pickle
 import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -44,11 +45,15 @@ from .protocol import (
     F_KEEP_SPILL,
     F_SPILL,
     F_TARGETED,
+    HEADER_FORMAT,
     HEADER_SIZE,
+    MAGIC,
     RESULT_MTYPE,
+    WIRE_VERSION,
     Kind,
     ProtocolError,
     Status,
+    batch_entries,
     build,
     ok_result,
     parse,
@@ -59,6 +64,10 @@ from .protocol import (
 from .scoreboard import Scoreboard
 
 __all__ = ["worker_id", "current_task_id", "WorkerConfig", "run_worker", "EXIT_INIT_FAILED"]
+
+_HEADER = struct.Struct(HEADER_FORMAT)
+#: Flags a task read in place from a batch must not have (see handle_batch).
+_NOT_PLAIN = 0xFFFF & ~(F_FN_REF | F_TARGETED)
 
 #: Exit status of a worker whose initializer raised.
 EXIT_INIT_FAILED = 3
@@ -351,11 +360,12 @@ class _Replier:
 
 
 def _result_message(status: int, task_id: int, token: int, wid: int, obj: Any,
-                    inline_max: int, subdir: str, authkey: bytes | None) -> bytes:
+                    inline_max: int, subdir: str, authkey: bytes | None, pid: int = 0
+                    ) -> bytes:
     body, spilled = codec.dumps(obj, inline_max, subdir)
     flags = F_SPILL if spilled else 0
-    return build(Kind.RESULT, flags, status, task_id, token, 0, os.getpid(), wid, body,
-                 authkey)
+    return build(Kind.RESULT, flags, status, task_id, token, 0, pid or os.getpid(), wid,
+                 body, authkey)
 
 
 def _encode_outcome(status: int, task_id: int, token: int, wid: int, obj: Any,
@@ -363,14 +373,11 @@ def _encode_outcome(status: int, task_id: int, token: int, wid: int, obj: Any,
                     pid: int = 0) -> bytes:
     """Pickle an outcome; when that fails, pickle the failure instead. ``pid``:
     this process's, when the caller knows it."""
-    if not status and authkey is None and type(obj) in PLAIN_TYPES:
-        data = pickle.dumps(obj, PROTOCOL)  # a plain return value: the short way
-        if len(data) <= inline_max:
-            return ok_result(task_id, token, pid or os.getpid(), wid, data)
     if authkey:
         inline_max -= 32
     try:
-        return _result_message(status, task_id, token, wid, obj, inline_max, subdir, authkey)
+        return _result_message(status, task_id, token, wid, obj, inline_max, subdir, authkey,
+                               pid)
     except BaseException as exc:  # noqa: BLE001 - SystemExit at pickle time is an outcome
         failure = (exc, _format_exc(exc))
     try:
@@ -593,8 +600,9 @@ class _Worker:
                 return
         self.handle(raw)  # no room for 2 s: run it rather than lose it
 
-    def reject(self, raw: bytes, reason: str) -> None:
+    def reject(self, raw: bytes | memoryview, reason: str) -> None:
         """Count, log and keep a message this worker will not run (dead letter)."""
+        raw = bytes(raw)
         self.rejected += 1
         try:
             self.board.add_rejected(self.cfg.worker_id)
@@ -633,78 +641,102 @@ class _Worker:
         task to the next without going idle, so a death between two tasks still
         names one of them and the producer re-sends the rest. A stop request or
         max_tasks_per_child between two tasks puts the rest back in the queue.
-        Results go back together (:class:`_Outbox`)."""
+        Results go back together (:class:`_Outbox`).
+
+        Inner tasks are read in place; one with anything but the plain flags
+        (FN_REF, TARGETED), or any pool with an authkey, takes the checked
+        path of :meth:`handle_task` instead."""
         try:
             h = unpack_header(raw)
-            inner = split_batch(memoryview(raw)[HEADER_SIZE:])
+            entries = batch_entries(raw, HEADER_SIZE)
         except ProtocolError as exc:
             self.reject(raw, f"bad batch: {exc}")
             return
-        mtype = self.cfg.worker_id + 1 if h.flags & F_TARGETED else 1
+        cfg = self.cfg
+        mtype = cfg.worker_id + 1 if h.flags & F_TARGETED else 1
         results = self.outbox
+        view = memoryview(raw)
+        fast = cfg.authkey is None
+        unpack = _HEADER.unpack_from
         try:
-            for i, message in enumerate(inner):
-                if _stop or (self.cfg.max_tasks and self.done >= self.cfg.max_tasks):
+            for i, (off, n) in enumerate(entries):
+                if _stop or (cfg.max_tasks and self.done >= cfg.max_tasks):
                     results.flush()
-                    for rest in inner[i:]:
-                        self.requeue(rest, mtype)
+                    for o, m in entries[i:]:
+                        self.requeue(raw[o:o + m], mtype)
                     return
                 if results.due():
                     results.flush()
-                self.handle_task(message, results)
                 self.done += 1
+                if fast and n > HEADER_SIZE + 2:
+                    (magic, version, kind, flags, _status, task_id, token, reply, pid,
+                     _worker, length) = unpack(raw, off)
+                    if (magic == MAGIC and version == WIRE_VERSION and kind == 1
+                            and length == n - HEADER_SIZE and not flags & _NOT_PLAIN):
+                        start = off + HEADER_SIZE + 2 + (raw[off + 40] | raw[off + 41] << 8)
+                        if start <= off + n:
+                            self.run_task(view[off:off + n], flags, task_id, token, reply,
+                                          pid, view[start:off + n], results)
+                            continue
+                self.handle_task(raw[off:off + n], results)
         finally:
             results.flush()
-            self.board.idle(self.cfg.worker_id)
+            self.board.idle(cfg.worker_id)
 
     def handle_task(self, raw: bytes, results: _Outbox | None = None) -> None:
         """Run one TASK message and send its outcome, or leave it in ``results``.
         Leaves the slot busy (the caller marks it idle)."""
-        global _task_id
-        cfg = self.cfg
         try:
-            h, body = parse(raw, cfg.authkey)
+            h, body = parse(raw, self.cfg.authkey)
             if h.kind != Kind.TASK:
                 raise ProtocolError(f"kind {h.kind} is not a task")
-            body = task_payload(body)
+            payload = task_payload(body)
         except ProtocolError as exc:
             self.reject(raw, str(exc))
             return
-        if h.reply == 0:
+        self.run_task(raw, h.flags, h.task_id, h.token, h.reply, h.pid, payload, results)
+
+    def run_task(self, raw: bytes | memoryview, flags: int, task_id: int, token: int,
+                 reply: int, pid: int, payload: memoryview,
+                 results: _Outbox | None = None) -> None:
+        """Run the task of a checked TASK message (``raw``, whose header fields
+        and payload are given) and send its outcome, or leave it in ``results``."""
+        global _task_id
+        cfg = self.cfg
+        if reply == 0:
             self.reject(raw, "reply key 0 (IPC_PRIVATE) names no queue: refused")
             return
-        subdir = self.subdirs.get((h.pid, h.token))
-        if subdir is None:
-            if len(self.subdirs) > 256:
-                self.subdirs.clear()
-            subdir = self.subdirs[h.pid, h.token] = spill.producer_subdir(h.pid, h.token)
-        spilled = bool(h.flags & F_SPILL)
-        keep = bool(h.flags & F_KEEP_SPILL)
-        if bool(h.flags & F_TARGETED) != cfg.targeted:
+        spilled = bool(flags & F_SPILL)
+        keep = bool(flags & F_KEEP_SPILL)
+        if bool(flags & F_TARGETED) != cfg.targeted:
             mine = "targeted" if cfg.targeted else "preemptive"
-            theirs = "targeted" if h.flags & F_TARGETED else "preemptive"
-            err = ValueError(f"task {h.task_id} was sent in {theirs} mode to a {mine} "
+            theirs = "targeted" if flags & F_TARGETED else "preemptive"
+            err = ValueError(f"task {task_id} was sent in {theirs} mode to a {mine} "
                              "pool: refused")
             self.reject(raw, str(err))
             if spilled and not keep:
-                spill.discard(bytes(body).decode("ascii", "replace"))
-            msg = _encode_outcome(Status.BAD_TASK, h.task_id, h.token, cfg.worker_id,
-                                  (err, ""), self.inline_max, subdir, cfg.authkey)
-            self.replier.send(h.reply, msg, h.pid, h.token)
+                spill.discard(bytes(payload).decode("ascii", "replace"))
+            refusal = _encode_outcome(Status.BAD_TASK, task_id, token, cfg.worker_id,
+                                      (err, ""), self.inline_max, self.subdir(pid, token),
+                                      cfg.authkey)
+            self.replier.send(reply, refusal, pid, token)
             return
-        self.board.busy(cfg.worker_id, h.task_id, h.token, h.reply, h.pid)
+        self.board.busy(cfg.worker_id, task_id, token, reply, pid)
         ran = 0.0
         try:
             try:
-                fn, args, kwargs = codec.loads(body, spilled, keep=keep)
-                if h.flags & F_FN_REF:
+                if spilled:
+                    fn, args, kwargs = codec.loads(payload, True, keep=keep)
+                else:
+                    fn, args, kwargs = pickle.loads(payload)
+                if flags & F_FN_REF:
                     fn = codec.load_function(fn)
             except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
                 status, outcome = Status.BAD_TASK, (exc, _format_exc(exc))
-                self.reject(raw, f"task {h.task_id} could not be read: "
+                self.reject(raw, f"task {task_id} could not be read: "
                                  f"{type(exc).__name__}: {exc}")
             else:
-                _task_id = h.task_id
+                _task_id = task_id
                 started = time.perf_counter()
                 try:
                     status, outcome = Status.OK, fn(*args, **kwargs)
@@ -714,15 +746,31 @@ class _Worker:
                     _task_id = None
                     ran = time.perf_counter() - started
                 del fn, args, kwargs
-            msg = _encode_outcome(status, h.task_id, h.token, cfg.worker_id, outcome,
-                                  self.inline_max, subdir, cfg.authkey, self.pid)
+            msg: bytes | None = None
+            if not status and cfg.authkey is None and type(outcome) in PLAIN_TYPES:
+                data = pickle.dumps(outcome, PROTOCOL)  # a plain value: the short way
+                if len(data) <= self.inline_max:
+                    msg = ok_result(task_id, token, self.pid, cfg.worker_id, data)
+            if msg is None:
+                msg = _encode_outcome(status, task_id, token, cfg.worker_id, outcome,
+                                      self.inline_max, self.subdir(pid, token),
+                                      cfg.authkey, self.pid)
             del outcome
             if results is not None:
-                results.add(h.reply, h.pid, h.token, msg, ran)
-            elif not self.replier.send(h.reply, msg, h.pid, h.token):
-                _drop_results([msg], h.pid, h.token)
+                results.add(reply, pid, token, msg, ran)
+            elif not self.replier.send(reply, msg, pid, token):
+                _drop_results([msg], pid, token)
         finally:
             _task_id = None
+
+    def subdir(self, pid: int, token: int) -> str:
+        """The spill sub-directory of producer (``pid``, ``token``), cached."""
+        subdir = self.subdirs.get((pid, token))
+        if subdir is None:
+            if len(self.subdirs) > 256:
+                self.subdirs.clear()
+            subdir = self.subdirs[pid, token] = spill.producer_subdir(pid, token)
+        return subdir
 
     def cleanup_after_owner(self) -> None:
         """The owner died: remove what only it could have removed."""
