@@ -489,8 +489,9 @@ class _PoolState:
                  initializer: bytes | None, max_tasks_per_child: int | None,
                  queue_mode: int, attach: bool = False, allow: tuple = (),
                  swoole_handler: str | None = None, authkey: bytes | None = None,
-                 retries: int = 0, durable: bool | str = False):
+                 retries: int = 0, durable: bool | str = False, sweep: bool = False):
         self.pid = os.getpid()
+        self.sweep = sweep  # worker 0's first start reclaims dead producers' leftovers
         self.token = _RNG.getrandbits(64) or 1
         self.mode = mode
         self.targeted = mode == Mode.TARGETED
@@ -630,7 +631,10 @@ class _PoolState:
             initializer=self.initializer, max_tasks=self.max_tasks_per_child,
             private_queue=not self.explicit_key, owner_subdir=self.subdir,
             spill_env=os.environ.get(spill.ENV_SPILL_DIR), allow=self.allow,
-            swoole_handler=self.swoole_handler, authkey=self.authkey)
+            swoole_handler=self.swoole_handler, authkey=self.authkey,
+            sweep=self.sweep and wid == 0)
+        if wid == 0:
+            self.sweep = False
         self.board.idle(wid)
         outbox.create(outbox.outbox_path(os.path.dirname(self.board.path), wid),
                       msgmax() - HEADER_SIZE)
@@ -1418,16 +1422,15 @@ def _teardown(state: _PoolState) -> None:
 _gc_done = False
 
 
-def _collect_garbage_once() -> None:
-    """Reclaim the leftovers of dead producers once per process (cheap)."""
+def _sweep_once() -> bool:
+    """True the first time in this process: the pool made then has its first
+    worker reclaim the leftovers of dead producers (``persistence.collect_garbage``,
+    run by the worker shortly after it starts, off the path to the first result)."""
     global _gc_done
     if _gc_done:
-        return
+        return False
     _gc_done = True
-    try:
-        persistence.collect_garbage()
-    except Exception:  # noqa: BLE001 - never fail a constructor for this
-        pass
+    return True
 
 
 def _check_key_mode(key: Any, mode: Any) -> tuple[int | None, Mode]:
@@ -1629,7 +1632,6 @@ class MQExecutor(Executor):
         if swoole_handler is not None:
             from . import swoole
             swoole.load_handler(swoole_handler)  # fail here, not in every worker
-        _collect_garbage_once()
         if batch_size is not None and (isinstance(batch_size, bool)
                                        or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be None (adaptive) or an int >= 1, "
@@ -1640,7 +1642,8 @@ class MQExecutor(Executor):
                                max_tasks_per_child=max_tasks_per_child,
                                queue_mode=queue_mode, allow=tuple(allow),
                                swoole_handler=swoole_handler, authkey=authkey,
-                               retries=retries, durable=durable), capacity)
+                               retries=retries, durable=durable, sweep=_sweep_once()),
+                    capacity)
 
     @classmethod
     def attach(cls, key: int, *, mode: Mode | int = Mode.PREEMPTIVE,

@@ -117,6 +117,11 @@ class WorkerConfig:
     #: "module:function" handed every message as Swoole's onTask would be
     #: (:mod:`mqexecutor.swoole`); None: messages are mqexecutor's own.
     swoole_handler: str | None = None
+    #: Reclaim dead producers' leftovers (``persistence.collect_garbage``)
+    #: ``SWEEP_DELAY`` seconds after start, in the owner-watch thread: the first
+    #: pool of a process asks its first worker, so its constructor does not
+    #: wait for it.
+    sweep: bool = False
 
 
 def _on_stop(signum, frame) -> None:
@@ -151,8 +156,10 @@ def _on_term(signum, frame) -> None:
     os._exit(128 + signal.SIGTERM)
 
 
-def _watch_owner(owner_pid: int, main_ident: int) -> None:
-    """Wait for the owner process to exit, then stop the worker."""
+def _watch_owner(owner_pid: int, main_ident: int, sweep: bool = False) -> None:
+    """Wait for the owner process to exit, then stop the worker. With ``sweep``,
+    first reclaim dead producers' leftovers ``SWEEP_DELAY`` seconds after start
+    (unless the owner is gone by then)."""
     global _stop, _owner_dead
     try:
         fd = os.pidfd_open(owner_pid)
@@ -160,6 +167,12 @@ def _watch_owner(owner_pid: int, main_ident: int) -> None:
         fd = None
     except (AttributeError, OSError):  # old kernel: poll
         fd = -1
+    if sweep and fd is not None:  # (None: the owner is gone already)
+        if fd == -1:
+            time.sleep(SWEEP_DELAY)
+            _sweep()
+        elif not select.select([fd], [], [], SWEEP_DELAY)[0]:
+            _sweep()
     if fd is not None and fd >= 0:
         select.select([fd], [], [])
         os.close(fd)
@@ -180,6 +193,18 @@ def _watch_owner(owner_pid: int, main_ident: int) -> None:
         except (ProcessLookupError, OSError):
             return
         time.sleep(0.05)
+
+
+#: Seconds after start at which a worker asked to (WorkerConfig.sweep) reclaims
+#: dead producers' leftovers: after the first tasks of a new pool, usually.
+SWEEP_DELAY = 0.05
+
+
+def _sweep() -> None:
+    try:
+        persistence.collect_garbage()
+    except Exception as exc:  # noqa: BLE001 - best effort, as the CLI's gc
+        _report(f"reclaiming dead producers' leftovers failed: {exc!r}")
 
 
 def _format_exc(exc: BaseException) -> str:
@@ -824,8 +849,8 @@ def run_worker(cfg: WorkerConfig) -> None:
     except (RuntimeError, ValueError, OSError):
         pass
     watcher = threading.Thread(target=_watch_owner, name="mqexecutor-owner-watch",
-                               args=(cfg.owner_pid, threading.main_thread().ident),
-                               daemon=True)
+                               args=(cfg.owner_pid, threading.main_thread().ident,
+                                     cfg.sweep), daemon=True)
     watcher.start()
     try:
         worker = _Worker(cfg)

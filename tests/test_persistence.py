@@ -34,6 +34,7 @@ from mqexecutor import MQExecutor, Mode, QueueModeError, ipcinfo, persistence, s
 from mqexecutor.executor import CapacityWarning
 from mqexecutor.limits import msgmnb
 
+from . import helpers
 from .helpers import pid_alive, wait_until
 
 try:  # the conftest leak check treats k-<key> directories of these keys as ours
@@ -1030,3 +1031,41 @@ def test_stats_reports_kernel_queue_backlog_running_completed_workers(lab, qh):
     assert (s.queued_messages, s.queued_bytes, s.backlog, s.running, s.completed,
             s.workers) == (0, 0, 0, 0, n + 1, 1)
     stop_executor(ex)
+
+
+FIRST_POOL = textwrap.dedent("""
+    import sys, time
+    from mqexecutor import MQExecutor
+    with MQExecutor(max_workers=1) as ex:
+        print("RESULT", ex.submit(abs, -3).result(timeout=30), flush=True)
+        time.sleep(float(sys.argv[1]))
+""")
+
+
+@pytest.mark.timeout(60)
+def test_the_first_pool_of_a_process_reclaims_dead_producers_leftovers(tmp_path):
+    """The leftovers of a producer killed without workers to clean after it (an
+    attached one): its reply queue and spill directory. The first MQExecutor of
+    a fresh process reclaims them: its first worker does, shortly after start,
+    off the path to the first result."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    token = random.getrandbits(63) | 1
+    reply = sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX, mode=0o600)
+    subdir = spill.producer_subdir(dead.pid, token)
+    try:
+        persistence.write_meta(subdir, persistence.QueueMeta(
+            key=0, mode=3, workers=0, wire=1, owner_pid=dead.pid, owner_token=token,
+            reply_key=reply.key))
+        assert queue_exists(reply.key) and subdir_exists(subdir)
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = helpers.run_script(FIRST_POOL, tmp_path, "0.5", env={"PYTHONPATH": repo})
+        assert proc.returncode == 0 and "RESULT 3" in proc.stdout, proc.stdout + proc.stderr
+        assert not queue_exists(reply.key), "the dead producer's reply queue is left"
+        assert not subdir_exists(subdir), "the dead producer's spill directory is left"
+    finally:
+        try:
+            reply.remove()
+        except sysv_ipc.ExistentialError:
+            pass
+        spill.remove_subdir(subdir)
