@@ -1928,8 +1928,8 @@ class MQExecutor(Executor):
         Never blocks because the kernel queue is full: the task then waits in
         this process. In targeted mode the worker with the fewest outstanding
         tasks is chosen; the worker chosen last keeps getting them while it has
-        fewer than ``batch_limit`` (the tasks packed in one message, 1 unless
-        tasks are short and many wait) more than that.
+        less than a message's worth more than that (the tasks packed in one
+        BATCH message: 1 unless tasks are short and many wait).
 
         Raises:
             RuntimeError: after ``shutdown()`` or interpreter shutdown.
@@ -2031,9 +2031,9 @@ class MQExecutor(Executor):
                     # The least busy worker. The one used last keeps the task on
                     # a tie (it may still be polling for its next task, see
                     # queues.SPIN_SECONDS), and while tasks go several to a
-                    # message, until it has a message's worth (batch_limit) more
-                    # than the least busy: its tasks then lie together in the
-                    # backlog, ready to be packed.
+                    # message, until it has a message's worth more than the
+                    # least busy: its tasks then lie together in the backlog,
+                    # one BATCH message's worth at a time.
                     # Tasks it may take before this is looked at again: credit.
                     target = state.last_target
                     if state.target_credit > 0:
@@ -2043,10 +2043,14 @@ class MQExecutor(Executor):
                         if busy:
                             loads = state.loads()
                             least = min(loads)
-                            if busy - least >= state.batch_limit:
+                            # a message's worth: batch_limit tasks, or as many
+                            # of this one's size as fit in one message
+                            run = max(1, min(state.batch_limit, state.inline_max // (
+                                HEADER_SIZE + 4 + len(prefix) + len(body))))
+                            if busy - least >= run:
                                 target = state.last_target = loads.index(least)
                                 busy = least
-                            state.target_credit = state.batch_limit - 1 - (busy - least)
+                            state.target_credit = run - 1 - (busy - least)
                 state.outstanding[target] += 1
                 fut.worker_id = target
                 mtype, worker = target + 1, target  # protocol.targeted_mtype

@@ -3,13 +3,14 @@ max_tasks_per_child."""
 from __future__ import annotations
 
 import enum
+import itertools
 
 import pytest
 
 import mqexecutor
 from mqexecutor import Mode, QueueModeError
 
-from .helpers import Gate, gated, getpid, pool, square, where
+from .helpers import Gate, gated, getpid, length, pool, square, where
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,6 +82,35 @@ def test_plain_submit_spreads_over_idle_workers(tmp_path):
         finally:
             gate.open()
         assert [f.result(timeout=10) for f in fs] == list(range(6))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("batch_size,size,per_message", [(1, 0, 1), (10, 0, 10), (200, 2000, 3)])
+def test_plain_submit_gives_a_message_worth_to_one_worker_while_batching(
+        tmp_path, batch_size, size, per_message):
+    """With tasks packed batch_size to a message, plain submits go to one worker
+    in runs of at least a message's worth, so its tasks lie together in the
+    backlog; at every point the loads differ by at most one message's worth.
+    With batch_size=1 that is the least busy worker each time (the one used
+    last on a tie). A message's worth is fewer than batch_size tasks when
+    fewer fit in one message (3 of 2000 bytes in 8 KB)."""
+    gate = Gate(tmp_path)
+    with pool(max_workers=2, mode=Mode.TARGETED, batch_size=batch_size) as ex:
+        try:
+            blockers = [ex.submit_to(w, gated, gate.path, gate.started_dir, f"b{w}")
+                        for w in (0, 1)]
+            gate.wait_started(2)
+            fs = [ex.submit(length, b"x" * size) for _ in range(100)]
+            ids = [f.worker_id for f in fs]
+            runs = [len(list(g)) for _, g in itertools.groupby(ids)]
+            assert all(r % per_message == 0 for r in runs[:-1]), runs
+            assert max(runs) <= 2 * per_message, runs
+            for n in range(1, len(ids) + 1):
+                assert abs(ids[:n].count(0) - ids[:n].count(1)) <= per_message, ids[:n]
+        finally:
+            gate.open()
+        assert [f.result(timeout=30) for f in fs] == [size] * 100
+        assert [b.result(timeout=30)[0] for b in blockers] == [0, 1]
 
 
 def test_plain_submit_prefers_the_worker_used_last_when_all_are_idle():
