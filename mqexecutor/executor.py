@@ -766,8 +766,8 @@ class _PoolState:
             parts.append(_LEN.pack(n))
             parts.append(msg)
             size += 4 + n
-            if len(items) >= batch_limit:
-                break
+            if len(items) >= batch_limit or size + 4 + n > limit:
+                break  # full (or no room for another task of this size)
         if len(items) < 2:
             try:
                 return 1 if self.send_now(first) and backlog.popleft() else 0
