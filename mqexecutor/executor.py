@@ -547,12 +547,17 @@ class _PoolState:
         try:
             if key is not None:
                 self.task_queue = queues.open_queue(key, create=not attach, mode=queue_mode)
-            # The queues made here are named in meta.json at once: a process
-            # killed after that leaves nothing `gc` cannot tie to a dead owner.
-            self.reply_queue = queues.create_private()
+            # The keys of the queues made here are named in meta.json before
+            # they are made: a process killed in between leaves nothing `gc`
+            # cannot tie to a dead owner (it checks the queue's ctime).
+            reply_key = queues.random_key()
+            task_key = key if key is not None else queues.random_key()
+            self.write_meta(key, mode, attach, max_workers, task_key, reply_key)
+            self.reply_queue = queues.create_private(key=reply_key)
             if key is None:
-                self.task_queue = queues.create_private(queue_mode)
-            self.write_meta(key, mode, attach, max_workers)
+                self.task_queue = queues.create_private(queue_mode, key=task_key)
+            if (self.reply_queue.key, self.task_queue.key) != (reply_key, task_key):
+                self.write_meta(key, mode, attach, max_workers)  # a key was taken
             self.fit_to_queue()
             for index in range(len(spill.spill_roots())):
                 spill.ensure_subdir(index, self.subdir)
@@ -570,12 +575,16 @@ class _PoolState:
             self.release_resources()
             raise
 
-    def write_meta(self, key: int | None, mode: Mode, attach: bool, max_workers: int) -> None:
-        """Record this producer in meta.json (see :mod:`mqexecutor.persistence`)."""
+    def write_meta(self, key: int | None, mode: Mode, attach: bool, max_workers: int,
+                   task_key: int | None = None, reply_key: int | None = None) -> None:
+        """Record this producer in meta.json (see :mod:`mqexecutor.persistence`):
+        its queues, or the keys they are about to be made under."""
         persistence.write_meta(self.subdir, persistence.QueueMeta(
-            key=self.task_queue.key, mode=int(mode), workers=0 if attach else max_workers,
-            wire=WIRE_VERSION, owner_pid=self.pid, owner_token=self.token,
-            reply_key=self.reply_queue.key, private=key is None))
+            key=self.task_queue.key if task_key is None else task_key, mode=int(mode),
+            workers=0 if attach else max_workers, wire=WIRE_VERSION, owner_pid=self.pid,
+            owner_token=self.token,
+            reply_key=self.reply_queue.key if reply_key is None else reply_key,
+            private=key is None))
 
     def fit_to_queue(self) -> None:
         """Largest body that fits one message: msgmax, or the queue's capacity

@@ -108,13 +108,21 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+#: Seconds after a producer's last meta.json write within which a queue of a
+#: key it names counts as its own (it makes its queues right after naming
+#: their keys; msgctl(IPC_SET) of the capacity moves a queue's ctime too).
+CTIME_SLACK = 10
+
+
 def collect_garbage() -> list[str]:
     """Reclaim what producers that died left behind (``mqexecutor gc``).
 
     For each producer spill directory ``p-<pid>-<token>`` whose process is gone:
     remove its reply queue and, for a private executor, its task queue (only
-    when the queue was created by this user and no live process last used it),
-    then the directory and its spill files. A persistent key's directory is
+    when the queue was created by this user, no live process last used it,
+    and it was made no later than ``CTIME_SLACK`` seconds after the producer
+    last wrote its metadata: a producer names its keys before it makes the
+    queues), then the directory and its spill files. A persistent key's directory is
     removed only when its queue is gone and it holds nothing but metadata older
     than a minute (no spill file, durable spool or dead letter); its queue is
     never touched.
@@ -148,12 +156,21 @@ def collect_garbage() -> list[str]:
             meta = read_meta(name) if root == spill.spill_roots()[0] else None
             in_use = False
             if meta is not None:
+                try:
+                    written = os.stat(_path(name)).st_mtime
+                except OSError:
+                    written = time.time()
                 keys = [meta.reply_key] + ([meta.key] if meta.private else [])
                 for key in keys:
                     if key == 0:
                         continue
                     info = by_key.get(key)
                     if info is None or info.uid != os.getuid():
+                        continue
+                    if info.ctime > written + CTIME_SLACK:
+                        # Made after the producer last wrote its metadata: under
+                        # a key it named but never got (killed before msgget),
+                        # taken since by another process. Not its queue.
                         continue
                     if pid_alive(info.lspid) and info.lspid != pid or (
                             pid_alive(info.lrpid) and info.lrpid != pid):

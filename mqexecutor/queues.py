@@ -16,7 +16,7 @@ import sysv_ipc
 from .limits import msgmax
 
 __all__ = ["ftok", "open_queue", "create_private", "remove_quietly", "parse_key",
-           "spin_receive", "SPIN_SECONDS"]
+           "spin_receive", "SPIN_SECONDS", "random_key"]
 
 #: Seconds a thread polls for what it waits for before it blocks (task workers,
 #: the collector, MQFuture.result): waking from a blocking msgrcv or a lock
@@ -84,19 +84,31 @@ def open_queue(key: int, *, create: bool = True, mode: int = 0o600) -> sysv_ipc.
             f"(0x{key & 0xFFFFFFFF:08x})") from None
 
 
-def create_private(mode: int = 0o600) -> sysv_ipc.MessageQueue:
-    """Create a new queue under a fresh random key nobody else uses.
+def random_key() -> int:
+    """A random key for :func:`create_private` (free when drawn, most likely)."""
+    return _rng.randrange(0x10000, 0x7FFFFFFF)
+
+
+def create_private(mode: int = 0o600, key: int | None = None) -> sysv_ipc.MessageQueue:
+    """Create a new queue under a fresh random key nobody else uses: ``key``
+    when it is free (drawn with :func:`random_key` and recorded beforehand by
+    the caller), else another random one.
 
     The key is random (not IPC_PRIVATE) so that any process of this user, e.g.
     a worker started with ``spawn``, can open the queue by key. ``IPC_EXCL``
     guarantees the key was free.
+
+    Raises:
+        OSError: no free key in 64 tries.
     """
     for _ in range(64):
-        key = _rng.randrange(0x10000, 0x7FFFFFFF)
+        if key is None:
+            key = random_key()
         try:
             return sysv_ipc.MessageQueue(key, sysv_ipc.IPC_CREX, mode=mode,
                                          max_message_size=msgmax())
         except sysv_ipc.ExistentialError:
+            key = None
             continue
     raise OSError("could not find a free SysV key in 64 tries")
 

@@ -1069,3 +1069,64 @@ def test_the_first_pool_of_a_process_reclaims_dead_producers_leftovers(tmp_path)
         except sysv_ipc.ExistentialError:
             pass
         spill.remove_subdir(subdir)
+
+
+KILLED_IN_CONSTRUCTOR = textwrap.dedent("""
+    import os, sys
+    from mqexecutor import MQExecutor, queues
+    real = queues.create_private
+    made = []
+
+    def create_private(mode=0o600, key=None):
+        # the fault: SIGKILL-like death just before the second msgget (the
+        # private task queue), after the reply queue was made
+        if made:
+            print("DYING", key, flush=True)
+            os._exit(9)
+        q = real(mode, key)
+        made.append(q.key)
+        print("MADE", q.key, flush=True)
+        return q
+
+    queues.create_private = create_private
+    MQExecutor(max_workers=1)
+""")
+
+
+@pytest.mark.timeout(60)
+def test_producer_killed_between_naming_and_making_its_queues_leaves_nothing(tmp_path):
+    """A producer killed inside its constructor, between two msgget calls, has
+    named both keys in meta.json beforehand: gc removes the queue it made and
+    its directory. A queue made later under the key it never got belongs to
+    someone else: gc leaves it (its ctime is after the producer's last word)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = helpers.run_script(KILLED_IN_CONSTRUCTOR, tmp_path, env={"PYTHONPATH": repo})
+    assert proc.returncode == 9, proc.stdout + proc.stderr
+    made = int(proc.stdout.split("MADE")[1].split()[0])
+    never = int(proc.stdout.split("DYING")[1].split()[0])
+    other = None
+    subdir = None
+    try:  # a crash test removes what it crashed, even when it fails
+        found = [(d, m) for d, m in persistence.producer_metas() if m.reply_key == made]
+        assert len(found) == 1, "the reply queue's key was not named before msgget"
+        subdir, meta = found[0]
+        assert meta.key == never and meta.private
+        assert queue_exists(made)
+        time.sleep(1.1)  # ctime has a 1 s resolution
+        other = sysv_ipc.MessageQueue(never, sysv_ipc.IPC_CREX, mode=0o600)
+        slack = persistence.CTIME_SLACK
+        persistence.CTIME_SLACK = 0  # "later" without waiting 10 s
+        try:
+            persistence.collect_garbage()
+        finally:
+            persistence.CTIME_SLACK = slack
+        assert not queue_exists(made), "the dead producer's reply queue is left"
+        assert not subdir_exists(subdir), "the dead producer's directory is left"
+        assert queue_exists(never), "gc removed a queue made later by another process"
+    finally:
+        if other is not None:
+            other.remove()
+        if queue_exists(made):
+            sysv_ipc.MessageQueue(made).remove()
+        if subdir is not None:
+            spill.remove_subdir(subdir)
