@@ -368,9 +368,9 @@ def test_chaos_kill_the_tree_20_times_then_finish(tmp_path, tasks_module):
 
 
 def _remove_orphans_of_kills(before: set, since: float) -> None:
-    """A driver killed between its msgget and its meta.json (a few hundred
-    microseconds) leaves a queue no gc can tie to it: created during the test,
-    never sent to nor received from. This crash test removes what it crashed."""
+    """A driver killed inside its constructor leaves queues made during the
+    test, never sent to nor received from, that only a gc would remove (their
+    keys are in its meta.json). This crash test removes what it crashed."""
     for q in ipcinfo.list_queues():
         if (q.msqid not in before and q.ctime >= int(since) and q.uid == os.getuid()
                 and q.lspid == 0 and q.lrpid == 0 and q.qnum == 0):
