@@ -447,6 +447,12 @@ def _process_chunk(fn: Callable, chunk: list[tuple]) -> list:
     return [fn(*args) for args in chunk]
 
 
+def _process_chunk1(fn: Callable, chunk: list) -> list:
+    """Run ``fn`` over a chunk of single arguments (map of one iterable with
+    chunksize > 1: the items travel as they are, not as 1-tuples)."""
+    return [fn(arg) for arg in chunk]
+
+
 def _cpu_count() -> int:
     counter = getattr(os, "process_cpu_count", None)
     if counter is not None:
@@ -2125,15 +2131,21 @@ class MQExecutor(Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else time.monotonic() + timeout
-        args_iter: Iterator = zip(*iterables)
-        if chunksize > 1:
-            args_iter = _chunks(args_iter, chunksize)
+        args_iter: Iterator
+        run_chunk: Callable = _process_chunk
+        if chunksize > 1 and len(iterables) == 1:
+            args_iter = _chunks(iter(iterables[0]), chunksize)
+            run_chunk = _process_chunk1
+        elif chunksize > 1:
+            args_iter = _chunks(zip(*iterables), chunksize)
+        else:
+            args_iter = zip(*iterables)
 
         retries = _options.retries if _options is not None else None
 
         def submit_one(executor: MQExecutor, a: Any) -> MQFuture:
             if chunksize > 1:
-                return executor._submit(_process_chunk, (fn, a), {}, None, retries)
+                return executor._submit(run_chunk, (fn, a), {}, None, retries)
             return executor._submit(fn, a, {}, None, retries)
 
         if buffersize:

@@ -54,6 +54,17 @@ def test_map_chunksize_results(chunksize):
             [i * i for i in range(500)]
 
 
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_map_chunksize_passes_each_item_whole(chunksize):
+    """One iterable: each item is the one argument (a tuple item is not
+    unpacked), whether items travel one to a task or as a chunk of items;
+    several iterables: one argument from each."""
+    items = [(1, 2), (3,), (), [4, 5, 6], "ab", None]
+    with pool() as ex:
+        assert list(ex.map(repr, items, chunksize=chunksize)) == [repr(i) for i in items]
+        assert list(ex.map(pow, [2, 3, 4], [3, 2, 1], chunksize=chunksize)) == [8, 9, 4]
+
+
 def test_map_chunksize_groups_items_into_tasks():
     with pool() as ex:
         ids = list(ex.map(task_id_of, range(10), chunksize=5))
