@@ -215,6 +215,11 @@ def snapshot_library(ref: str | None, log) -> tuple[str, dict]:
     else:
         raise SystemExit("the working tree's mqexecutor does not import; "
                          "try --git-ref HEAD or --no-snapshot")
+    # Byte-compiled, as pip does when it installs a package: children import
+    # it as an installed mqexecutor is imported, even under
+    # PYTHONDONTWRITEBYTECODE (which stops writing .pyc files, not reading them).
+    import compileall
+    compileall.compile_dir(os.path.join(tmp, "mqexecutor"), quiet=1)
     desc = {"snapshot": f"git {ref}" if ref else "working tree, copied at the start of the run",
             "snapshot_sources_sha256": sources_hash(os.path.join(tmp, "mqexecutor"))}
     if ref:
