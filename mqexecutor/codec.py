@@ -18,12 +18,10 @@ import sys
 import types
 from typing import Any
 
-import cloudpickle
-
 from . import spill
 
 __all__ = ["dumps", "dumps_plain_call", "loads", "PROTOCOL", "PLAIN_TYPES",
-           "function_reference", "load_function", "holder"]
+           "function_reference", "load_function", "holder", "dumps_by_value"]
 
 PROTOCOL = 5
 
@@ -31,17 +29,38 @@ PROTOCOL = 5
 _MAIN = b"__main__"
 
 
-_REGISTRY = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", None)
+def _cloudpickle() -> Any:
+    """The cloudpickle module, imported on first use (about 10 ms): calls and
+    results the C pickler handles never need it."""
+    import cloudpickle
+    return cloudpickle
+
+
+#: cloudpickle's set of modules registered by value, once cloudpickle is imported.
+_REGISTRY: Any = None
 
 
 def by_value_registry() -> bool:
-    """True when modules are registered with cloudpickle.register_pickle_by_value."""
-    if _REGISTRY is not None:
-        return bool(_REGISTRY)
-    try:
-        return bool(cloudpickle.list_registry_pickle_by_value())
-    except AttributeError:  # cloudpickle < 2.0
-        return False
+    """True when modules are registered with cloudpickle.register_pickle_by_value
+    (never while cloudpickle is not imported: nothing can be registered then)."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        cp = sys.modules.get("cloudpickle")
+        if cp is None:
+            return False
+        _REGISTRY = getattr(getattr(cp, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", None)
+        if _REGISTRY is None:
+            try:
+                return bool(cp.list_registry_pickle_by_value())
+            except AttributeError:  # cloudpickle < 2.0
+                return False
+    return bool(_REGISTRY)
+
+
+def dumps_by_value(obj: Any) -> bytes:
+    """``obj`` pickled with cloudpickle (protocol 5): functions of ``__main__``
+    and lambdas by value. Raises what pickling raises."""
+    return _cloudpickle().dumps(obj, protocol=PROTOCOL)
 
 
 def _pickle(obj: Any, buffers: list | None) -> bytes:
@@ -62,6 +81,7 @@ def _pickle(obj: Any, buffers: list | None) -> bytes:
             return data
         if buffers:
             buffers.clear()
+    cloudpickle = _cloudpickle()
     data = cloudpickle.dumps(obj, protocol=PROTOCOL,
                              buffer_callback=None if buffers is None else buffers.append)
     if buffers and not _raw(buffers):

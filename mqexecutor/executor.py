@@ -1640,8 +1640,7 @@ class MQExecutor(Executor):
             mp_context = multiprocessing.get_context("fork")
         init_bytes = None
         if initializer is not None:
-            init_bytes = codec.cloudpickle.dumps((initializer, tuple(initargs)),
-                                                 protocol=codec.PROTOCOL)
+            init_bytes = codec.dumps_by_value((initializer, tuple(initargs)))
         if key is not None:
             _check_no_live_owner(key, mode)
         if swoole_handler is not None:

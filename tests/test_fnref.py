@@ -363,3 +363,28 @@ def test_plain_arguments_too_large_for_a_message_still_spill(tmp_path):
         data = os.urandom(50_000)
         assert ex.submit(helpers.length, data).result(timeout=30) == len(data)
         assert ex.submit(square, 12).result(timeout=30) == 144
+
+
+LAZY_CLOUDPICKLE = """
+import sys
+import mqexecutor
+from mqexecutor import codec
+assert "cloudpickle" not in sys.modules, "import mqexecutor imported cloudpickle"
+assert not codec.by_value_registry()
+import cloudpickle
+import tests.helpers
+cloudpickle.register_pickle_by_value(tests.helpers)
+assert codec.by_value_registry(), "a registration made after import was missed"
+cloudpickle.unregister_pickle_by_value(tests.helpers)
+assert not codec.by_value_registry()
+print("OK")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_cloudpickle_is_imported_only_when_needed(tmp_path):
+    """``import mqexecutor`` leaves cloudpickle (about 10 ms) unimported; a
+    module registered by value once it is imported is still seen."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = run_script(LAZY_CLOUDPICKLE, tmp_path, env={"PYTHONPATH": repo})
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
