@@ -59,6 +59,7 @@ from .protocol import (
     F_TARGETED,
     HEADER_FORMAT,
     HEADER_SIZE,
+    HEADER_STRUCT,
     PREEMPTIVE_MTYPE,
     RESULT_MTYPE,
     TAG_SIZE,
@@ -1068,7 +1069,6 @@ def _handle_plain_batch(state: _PoolState, raw: bytes) -> int:
     off = HEADER_SIZE
     token = state.token
     pending = state.pending
-    finished = state.finished
     count = done = 0
     try:
         while off < end:
@@ -1084,13 +1084,9 @@ def _handle_plain_batch(state: _PoolState, raw: bytes) -> int:
             item = pending.get(task_id)
             if (item is None or flags or status or tok != token or length != n - HEADER_SIZE
                     or (magic, version, kind) != _PLAIN_RESULT or item._keep and item._spill_ref
-                    or pending.pop(task_id, None) is None):
+                    or state.take(task_id) is None):
                 _handle_result(state, bytes(view[start:off]))
                 continue
-            if item._worker >= 0:
-                finished[item._worker] += 1
-            item._batch = None  # as take()
-            item._message = b""
             done += 1
             _set_value(state, item, view[start + HEADER_SIZE:off])
     finally:
@@ -1111,7 +1107,6 @@ def _set_value(state: _PoolState, fut: MQFuture, data: memoryview) -> None:
         pass  # cancelled or failed meanwhile
 
 
-_HEADER = struct.Struct(HEADER_FORMAT)
 _LEN = struct.Struct("<I")  # a batch entry's length
 _PLAIN_RESULT = (b"MQ", WIRE_VERSION, int(Kind.RESULT))
 
@@ -1121,7 +1116,7 @@ def _handle_result(state: _PoolState, raw: bytes) -> None:
     # Anything else, or anything odd, takes the checked path below.
     if len(raw) >= HEADER_SIZE and state.authkey is None:
         (magic, version, kind, flags, status, task_id, token, _reply, _pid, _worker,
-         length) = _HEADER.unpack_from(raw)
+         length) = HEADER_STRUCT.unpack_from(raw)
         if ((magic, version, kind) == _PLAIN_RESULT and not flags and not status
                 and token == state.token and length == len(raw) - HEADER_SIZE):
             item = state.pending.get(task_id)
@@ -2072,7 +2067,7 @@ class MQExecutor(Executor):
                 mtype, worker = PREEMPTIVE_MTYPE, -1
             assert state.reply_queue is not None
             if state.authkey is None:  # build() without HMAC, in one step
-                message = _HEADER.pack(b"MQ", WIRE_VERSION, 1, flags, 0, task_id, state.token,
+                message = HEADER_STRUCT.pack(b"MQ", WIRE_VERSION, 1, flags, 0, task_id, state.token,
                                        state.reply_queue.key, state.pid, worker,
                                        len(prefix) + len(body)) + prefix + body
             else:

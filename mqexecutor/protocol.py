@@ -31,7 +31,8 @@ import struct
 from typing import NamedTuple
 
 __all__ = [
-    "MAGIC", "WIRE_VERSION", "HEADER_FORMAT", "HEADER_SIZE", "Kind", "Flag", "Status",
+    "MAGIC", "WIRE_VERSION", "HEADER_FORMAT", "HEADER_SIZE", "HEADER_STRUCT", "Kind", "Flag",
+    "Status",
     "Header", "ProtocolError", "pack_header", "unpack_header", "PREEMPTIVE_MTYPE",
     "RESULT_MTYPE", "CONTROL_MTYPE", "targeted_mtype", "task_body", "split_task_body",
     "task_payload", "replace_route", "build", "parse", "AuthError", "TAG_SIZE", "split_batch",
@@ -43,7 +44,9 @@ MAGIC = b"MQ"
 WIRE_VERSION = 1
 HEADER_FORMAT = "<2sBBHHQQiiiI"
 HEADER_SIZE = struct.calcsize(HEADER_FORMAT)
-_HEADER = struct.Struct(HEADER_FORMAT)
+#: The header's ``struct.Struct`` (for code that packs or unpacks it in place).
+HEADER_STRUCT = struct.Struct(HEADER_FORMAT)
+_HEADER = HEADER_STRUCT
 assert HEADER_SIZE == 40
 
 #: Message type of tasks sent in preemptive mode. Preemptive workers receive with

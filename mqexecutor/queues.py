@@ -85,7 +85,9 @@ def open_queue(key: int, *, create: bool = True, mode: int = 0o600) -> sysv_ipc.
 
 
 def random_key() -> int:
-    """A random key for :func:`create_private` (free when drawn, most likely)."""
+    """A random key_t for :func:`create_private`, in 0x10000..0x7FFFFFFE (above
+    the keys ftok() and small hand-picked keys tend to use). Not checked:
+    another queue may have it, which create_private's IPC_EXCL finds out."""
     return _rng.randrange(0x10000, 0x7FFFFFFF)
 
 

@@ -27,7 +27,6 @@ import os
 import pickle
 import select
 import signal
-import struct
 import sys
 import threading
 import time
@@ -45,8 +44,8 @@ from .protocol import (
     F_KEEP_SPILL,
     F_SPILL,
     F_TARGETED,
-    HEADER_FORMAT,
     HEADER_SIZE,
+    HEADER_STRUCT,
     MAGIC,
     RESULT_MTYPE,
     WIRE_VERSION,
@@ -65,7 +64,6 @@ from .scoreboard import Scoreboard
 
 __all__ = ["worker_id", "current_task_id", "WorkerConfig", "run_worker", "EXIT_INIT_FAILED"]
 
-_HEADER = struct.Struct(HEADER_FORMAT)
 #: Flags a task read in place from a batch must not have (see handle_batch).
 _NOT_PLAIN = 0xFFFF & ~(F_FN_REF | F_TARGETED)
 
@@ -682,7 +680,7 @@ class _Worker:
         results = self.outbox
         view = memoryview(raw)
         fast = cfg.authkey is None
-        unpack = _HEADER.unpack_from
+        unpack = HEADER_STRUCT.unpack_from
         try:
             for i, (off, n) in enumerate(entries):
                 if _stop or (cfg.max_tasks and self.done >= cfg.max_tasks):

@@ -90,6 +90,11 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool
         time.sleep(interval)
 
 
+#: The repository's root: on PYTHONPATH, child interpreters import this
+#: checkout's mqexecutor and the tests' helpers.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def queue_exists(key: int) -> bool:
     try:
         sysv_ipc.MessageQueue(key)

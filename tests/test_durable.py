@@ -29,11 +29,9 @@ import sysv_ipc
 from mqexecutor import MQExecutor, ipcinfo, journal, persistence
 from mqexecutor.protocol import unpack_header
 
-from .helpers import Gate, gated, shutdown_or_fail, unused_key, wait_until
+from .helpers import REPO, Gate, gated, shutdown_or_fail, unused_key, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Starts the script it is given in a new session (its own process group, which
 #: the test kills), prints "OWNER <pid>", and reaps every child and orphan until

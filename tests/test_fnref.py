@@ -385,6 +385,5 @@ print("OK")
 def test_cloudpickle_is_imported_only_when_needed(tmp_path):
     """``import mqexecutor`` leaves cloudpickle (about 10 ms) unimported; a
     module registered by value once it is imported is still seen."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = run_script(LAZY_CLOUDPICKLE, tmp_path, env={"PYTHONPATH": repo})
+    proc = run_script(LAZY_CLOUDPICKLE, tmp_path, env={"PYTHONPATH": helpers.REPO})
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr

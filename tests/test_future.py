@@ -33,6 +33,7 @@ import sysv_ipc
 from mqexecutor import MQExecutor, MQFuture, ipcinfo, persistence, spill
 
 from .helpers import (
+    REPO,
     Gate,
     gated,
     gated_identity,
@@ -49,8 +50,6 @@ from .helpers import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: 4000-byte arguments: 3 such tasks fill the 16 KB kernel queue (kernel.msgmnb),
 #: the next ones wait in the executor's backlog (PENDING).

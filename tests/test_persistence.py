@@ -1058,8 +1058,8 @@ def test_the_first_pool_of_a_process_reclaims_dead_producers_leftovers(tmp_path)
             key=0, mode=3, workers=0, wire=1, owner_pid=dead.pid, owner_token=token,
             reply_key=reply.key))
         assert queue_exists(reply.key) and subdir_exists(subdir)
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        proc = helpers.run_script(FIRST_POOL, tmp_path, "0.5", env={"PYTHONPATH": repo})
+        proc = helpers.run_script(FIRST_POOL, tmp_path, "0.5",
+                                  env={"PYTHONPATH": helpers.REPO})
         assert proc.returncode == 0 and "RESULT 3" in proc.stdout, proc.stdout + proc.stderr
         assert not queue_exists(reply.key), "the dead producer's reply queue is left"
         assert not subdir_exists(subdir), "the dead producer's spill directory is left"
@@ -1099,8 +1099,7 @@ def test_producer_killed_between_naming_and_making_its_queues_leaves_nothing(tmp
     named both keys in meta.json beforehand: gc removes the queue it made and
     its directory. A queue made later under the key it never got belongs to
     someone else: gc leaves it (its ctime is after the producer's last word)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = helpers.run_script(KILLED_IN_CONSTRUCTOR, tmp_path, env={"PYTHONPATH": repo})
+    proc = helpers.run_script(KILLED_IN_CONSTRUCTOR, tmp_path, env={"PYTHONPATH": helpers.REPO})
     assert proc.returncode == 9, proc.stdout + proc.stderr
     made = int(proc.stdout.split("MADE")[1].split()[0])
     never = int(proc.stdout.split("DYING")[1].split()[0])

@@ -29,6 +29,7 @@ import sysv_ipc
 from mqexecutor import Mode, TerminatedWorkerError, ipcinfo, persistence, spill
 
 from .helpers import (
+    REPO,
     Gate,
     identity,
     no_core,
@@ -41,8 +42,6 @@ from .helpers import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------
