@@ -49,7 +49,7 @@ class QueueMeta:
 
 
 def _path(subdir: str) -> str:
-    return os.path.join(spill.root_dir(0), subdir, META)
+    return os.path.join(spill.root_dir(0, create=False), subdir, META)
 
 
 def write_meta(subdir: str, meta: QueueMeta) -> None:

@@ -17,6 +17,10 @@ opened it; unlike Swoole, nothing else is trusted:
   ``[A-Za-z0-9_.-]+`` (no ``..``). It cannot name a path outside the spill root,
   and every component is opened with ``O_NOFOLLOW``: a symbolic link is refused.
 * Files are created ``O_EXCL`` with mode 0600.
+* A default root is made on first use and removed again by whoever empties it
+  (``remove_subdir``); a producer that finds it gone between making it and
+  making its sub-directory makes it again (``ensure_subdir``). A root named by
+  ``MQEXECUTOR_SPILL_DIR`` belongs to the user and is never removed.
 
 File layout (little-endian), made for pickle protocol 5 out-of-band buffers so a
 large NumPy array is written once and mapped, not copied, by the reader::
@@ -123,17 +127,52 @@ def key_subdir(key: int) -> str:
     return f"k-{key & 0xFFFFFFFF:08x}"
 
 
+#: Attempts of ``ensure_subdir`` when another process removes the empty root
+#: between our making it and making the sub-directory.
+_ROOT_RACE_ATTEMPTS = 8
+
+
 def ensure_subdir(index: int, subdir: str) -> str:
-    """Create (mode 0700) and return ``<root index>/<subdir>``."""
+    """Create (mode 0700) and return ``<root index>/<subdir>``, making the root
+    first when it is missing.
+
+    Raises:
+        SpillError: ``subdir`` is not a plain name, the root is refused (see
+            ``root_dir``), or ``<root>/<subdir>`` exists and is not a directory.
+        OSError: the directory could not be made (e.g. no space, no permission).
+    """
     if not _NAME_RE.fullmatch(subdir) or ".." in subdir:
         raise SpillError(errno.EINVAL, f"bad spill sub-directory name {subdir!r}")
-    path = os.path.join(root_dir(index), subdir)
+    attempts = _ROOT_RACE_ATTEMPTS
+    while True:
+        try:
+            path = os.path.join(root_dir(index), subdir)
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            if os.path.islink(path) or not os.path.isdir(path):
+                raise SpillError(errno.ENOTDIR, f"spill directory {path} is not a directory")
+        except FileNotFoundError:
+            # The root was empty and another process's remove_subdir took it
+            # away after root_dir() made it: make it again.
+            attempts -= 1
+            if not attempts:
+                raise
+            continue
+        return path
+
+
+def _remove_root_if_empty(root: str) -> None:
+    """Remove a default spill root that holds nothing (never raises).
+
+    rmdir(2) fails on a directory that is not empty, so a root another producer
+    is using stays; one that producer is about to use is made again by its
+    ``ensure_subdir``."""
+    if os.environ.get(ENV_SPILL_DIR):
+        return
     try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        if os.path.islink(path) or not os.path.isdir(path):
-            raise SpillError(errno.ENOTDIR, f"spill directory {path} is not a directory")
-    return path
+        os.rmdir(root)
+    except OSError:
+        pass
 
 
 def choose_root(nbytes: int) -> int:
@@ -330,29 +369,36 @@ def remove_subdir(subdir: str) -> None:
         return
     for root in spill_roots():
         shutil.rmtree(os.path.join(root, subdir), ignore_errors=True)
+        _remove_root_if_empty(root)
 
 
 def remove_if_empty(subdir: str) -> None:
     """Remove ``subdir`` under every spill root where it holds no file (never
     raises): a worker that spilled a result for a producer that turned out dead
-    re-created its directory."""
+    re-created its directory. A default root left empty goes too."""
     if not _NAME_RE.fullmatch(subdir) or ".." in subdir:
         return
     for root in spill_roots():
         try:
             os.rmdir(os.path.join(root, subdir))
         except OSError:
-            pass
+            continue
+        _remove_root_if_empty(root)
 
 
 def list_files(subdir: str | None = None) -> list[str]:
     """Paths of the spill files present (all, or those of ``subdir``)."""
     found: list[str] = []
     for root in spill_roots():
-        if not os.path.isdir(root):
+        try:
+            names = sorted(os.listdir(root)) if subdir is None else [subdir]
+        except OSError:  # no root (yet, or any more)
             continue
-        for d in sorted(os.listdir(root)) if subdir is None else [subdir]:
+        for d in names:
             p = os.path.join(root, d)
             if os.path.isdir(p) and not os.path.islink(p):
-                found.extend(os.path.join(p, f) for f in sorted(os.listdir(p)))
+                try:
+                    found.extend(os.path.join(p, f) for f in sorted(os.listdir(p)))
+                except OSError:  # removed meanwhile
+                    pass
     return found

@@ -201,6 +201,66 @@ def test_spill_dir_env_variable(tmp_path, monkeypatch):
     assert os.listdir(spill_dir) == []
 
 
+def _root_state(roots):
+    return {r: (os.listdir(r) if os.path.isdir(r) else None) for r in roots}
+
+
+def test_default_roots_are_removed_once_empty():
+    roots = spill.spill_roots()
+    before = _root_state(roots)
+    with pool() as ex:
+        assert ex.submit(length, os.urandom(MB)).result(timeout=30) == MB
+        assert all(os.path.isdir(r) for r in roots[:1])
+    for root, entries in before.items():
+        if entries:  # another producer of this user had a directory there
+            assert os.path.isdir(root)
+        else:
+            assert not os.path.exists(root), f"empty spill root {root} left behind"
+    # a root that still holds somebody's sub-directory stays until that goes
+    mine = f"x-roots-{os.getpid()}"
+    try:
+        spill.ensure_subdir(0, mine)
+        with pool() as ex:
+            assert ex.submit(length, os.urandom(MB)).result(timeout=30) == MB
+        assert os.path.isdir(os.path.join(roots[0], mine))
+    finally:
+        spill.remove_subdir(mine)
+    if not before[roots[0]]:
+        assert not os.path.exists(roots[0])
+
+
+def _make_and_remove(name, seconds, errors):
+    import time
+    end = time.monotonic() + seconds
+    rounds = 0
+    while time.monotonic() < end:
+        try:
+            spill.ensure_subdir(0, name)
+        except OSError as exc:
+            errors.put(repr(exc))
+            return
+        spill.remove_subdir(name)
+        rounds += 1
+    errors.put(rounds)
+
+
+def test_root_removed_by_another_producer_is_made_again():
+    """Two processes make and remove their own sub-directory in a loop: the
+    empty root disappears and comes back under them thousands of times, and
+    neither may fail to make its directory."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=_make_and_remove, args=(f"x-race-{os.getpid()}-{i}", 2.0, errors))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = [errors.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert all(isinstance(o, int) and o > 100 for o in outcomes), outcomes
+
+
 def test_spill_root_with_loose_permissions_is_tightened(tmp_path, monkeypatch):
     root = tmp_path / "loose"
     root.mkdir()
