@@ -566,10 +566,8 @@ class _PoolState:
             if (self.reply_queue.key, self.task_queue.key) != (reply_key, task_key):
                 self.write_meta(key, mode, attach, max_workers)  # a key was taken
             self.fit_to_queue()
-            for index in range(len(spill.spill_roots())):
-                spill.ensure_subdir(index, self.subdir)
-                if self.task_subdir != self.subdir:
-                    spill.ensure_subdir(index, self.task_subdir)
+            # Root 0's sub-directory holds meta.json (made above) and the
+            # scoreboard; spill files make theirs as they are written.
             if durable:
                 self.journal = journal.Journal(
                     durable if isinstance(durable, str)

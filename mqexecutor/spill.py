@@ -72,15 +72,38 @@ def spill_roots() -> list[str]:
     ``["/dev/shm/mqexecutor-<uid>", "<tempdir>/mqexecutor-<uid>"]`` (the first
     only when /dev/shm is a directory).
     """
+    first = _first_root()
+    if first[1]:
+        return [first[0]]
+    return [first[0], _temp_root()] if first[0] else [_temp_root()]
+
+
+def _first_root() -> tuple[str, bool]:
+    """(root 0 when it is tmpfs or the override else "", whether it is the
+    override): root 0 without ``tempfile.gettempdir()``, whose first call
+    writes a test file (0.2 ms of every pool's start-up)."""
     override = os.environ.get(ENV_SPILL_DIR)
     if override:
-        return [os.path.abspath(override)]
-    name = f"mqexecutor-{os.getuid()}"
-    roots = []
+        return os.path.abspath(override), True
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK):
-        roots.append(os.path.join("/dev/shm", name))
-    roots.append(os.path.join(tempfile.gettempdir(), name))
-    return roots
+        return os.path.join("/dev/shm", f"mqexecutor-{os.getuid()}"), False
+    return "", False
+
+
+def _temp_root() -> str:
+    return os.path.join(tempfile.gettempdir(), f"mqexecutor-{os.getuid()}")
+
+
+def _root_path(index: int) -> str:
+    """Path of spill root ``index`` (see ``spill_roots``)."""
+    if index == 0:
+        first, _override = _first_root()
+        if first:
+            return first
+    roots = spill_roots()
+    if not 0 <= index < len(roots):
+        raise SpillError(errno.ENOENT, f"no spill root number {index}")
+    return roots[index]
 
 
 def root_dir(index: int, create: bool = True) -> str:
@@ -90,10 +113,7 @@ def root_dir(index: int, create: bool = True) -> str:
         SpillError: the root exists but is not a directory owned by this user,
             or is reached through a symbolic link.
     """
-    roots = spill_roots()
-    if not 0 <= index < len(roots):
-        raise SpillError(errno.ENOENT, f"no spill root number {index}")
-    path = roots[index]
+    path = _root_path(index)
     if create:
         try:
             os.makedirs(path, mode=0o700, exist_ok=False)
