@@ -35,8 +35,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import _base as _futures_base
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import sysv_ipc
 
@@ -89,9 +88,9 @@ class CapacityWarning(RuntimeWarning):
     """The kernel refused the queue capacity (``msg_qbytes``) asked for."""
 
 
-@dataclass(frozen=True)
-class PoolStats:
-    """A snapshot of an executor's queue and tasks (:meth:`MQExecutor.stats`).
+class PoolStats(NamedTuple):
+    """A snapshot of an executor's queue and tasks (:meth:`MQExecutor.stats`), a
+    named tuple.
 
     Attributes:
         key (int), msqid (int): the task queue.
@@ -119,9 +118,9 @@ class PoolStats:
     rejected: int = 0
 
 
-@dataclass(frozen=True)
-class StrandedTask:
-    """A task found in the queue for a worker id this pool does not have.
+class StrandedTask(NamedTuple):
+    """A task found in the queue for a worker id this pool does not have (a
+    named tuple).
 
     It is left in the queue for a pool with enough workers.
     Attributes: task_id (as sent), worker_id, fn_name, producer_pid.

@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 from . import spill
 
@@ -26,8 +26,7 @@ __all__ = ["QueueMeta", "read_meta", "write_meta", "producer_metas", "pid_alive"
 META = "meta.json"
 
 
-@dataclass
-class QueueMeta:
+class QueueMeta(NamedTuple):
     """What mqexecutor knows of a queue it made.
 
     Attributes:
@@ -45,7 +44,7 @@ class QueueMeta:
     owner_token: int = 0
     reply_key: int = 0
     private: bool = False
-    extra: dict = field(default_factory=dict)
+    extra: dict = {}  # kept for the files' format; never changed in place
 
 
 def _path(subdir: str) -> str:
@@ -57,7 +56,7 @@ def write_meta(subdir: str, meta: QueueMeta) -> None:
     directory = spill.ensure_subdir(0, subdir)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".meta-")
     with os.fdopen(fd, "w") as f:
-        json.dump(asdict(meta), f)
+        json.dump(meta._asdict(), f)
     os.replace(tmp, os.path.join(directory, META))
 
 

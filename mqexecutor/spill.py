@@ -34,7 +34,6 @@ import errno
 import mmap
 import os
 import re
-import secrets
 import shutil
 import struct
 import tempfile
@@ -237,6 +236,7 @@ def write(subdir: str, pickled: bytes, buffers: Sequence[memoryview] = ()) -> st
         SpillError / OSError: the file could not be created or written on any root
         (e.g. every file system is full).
     """
+    import secrets  # here: with hmac and hashlib, 4 ms of import that few pools need
     lengths = [b.nbytes for b in buffers]
     total = len(pickled) + sum(lengths) + 64 * (len(lengths) + 2)
     first = choose_root(total)

@@ -20,7 +20,6 @@ the next owner. SIGINT is ignored: Ctrl-C is the owner's to handle.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import faulthandler
 import os
@@ -31,7 +30,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, NamedTuple
 
 import sysv_ipc
 
@@ -91,8 +90,7 @@ def current_task_id() -> int | None:
     return _task_id
 
 
-@dataclasses.dataclass
-class WorkerConfig:
+class WorkerConfig(NamedTuple):
     """Everything a worker needs, passed at spawn (plain data, picklable)."""
 
     worker_id: int
