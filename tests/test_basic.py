@@ -12,9 +12,24 @@ import sysv_ipc
 import mqexecutor
 from mqexecutor import MQExecutor, MQFuture, Mode
 
-from .helpers import (TEST_KEYS, Gate, add, echo_kwargs, gated, get_global, pool, queue_exists,
-                      remove_test_key, reply_key, run_script, set_global, shutdown_or_fail, square,
-                      unused_key, where)
+from .helpers import (
+    TEST_KEYS,
+    Gate,
+    add,
+    echo_kwargs,
+    gated,
+    get_global,
+    pool,
+    queue_exists,
+    remove_test_key,
+    reply_key,
+    run_script,
+    set_global,
+    shutdown_or_fail,
+    square,
+    unused_key,
+    where,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

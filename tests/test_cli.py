@@ -22,8 +22,18 @@ import sysv_ipc
 from mqexecutor import MQExecutor, Mode, ipcinfo, persistence, spill
 from mqexecutor.limits import msgmnb
 
-from .test_persistence import (Lab, lines_of, producer_meta, qh, qh_dir, qnum,  # noqa: F401
-                               queue_exists, stop_executor, subdir_exists, wait_until)
+from .test_persistence import (  # noqa: F401
+    Lab,
+    lines_of,
+    producer_meta,
+    qh,
+    qh_dir,
+    qnum,
+    queue_exists,
+    stop_executor,
+    subdir_exists,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(90)
 

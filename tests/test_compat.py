@@ -12,8 +12,17 @@ import pytest
 from mqexecutor import MQExecutor as MQExecutor_
 from mqexecutor import Mode
 
-from .helpers import (Gate, gated, gated_identity, mul, pool, raise_value_error, square,
-                      touch_marker, wait_until)
+from .helpers import (
+    Gate,
+    gated,
+    gated_identity,
+    mul,
+    pool,
+    raise_value_error,
+    square,
+    touch_marker,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,11 +14,28 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 import mqexecutor
-from mqexecutor import (Mode, RemoteTraceback, ResultUnpicklingError, TaskUnpicklingError,
-                        TerminatedWorkerError)
+from mqexecutor import (
+    Mode,
+    RemoteTraceback,
+    ResultUnpicklingError,
+    TaskUnpicklingError,
+    TerminatedWorkerError,
+)
 
-from .helpers import (exit_now, getpid, identity, in_worker, kill_self, no_core, pool,
-                      shutdown_or_fail, sleep_return, square, wait_until, where)
+from .helpers import (
+    exit_now,
+    getpid,
+    identity,
+    in_worker,
+    kill_self,
+    no_core,
+    pool,
+    shutdown_or_fail,
+    sleep_return,
+    square,
+    wait_until,
+    where,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,8 +8,7 @@ import pytest
 
 from mqexecutor import Mode
 
-from .helpers import (Gate, fail_on, gated_identity, mul, pool, sleep_return, square,
-                      task_id_of)
+from .helpers import Gate, fail_on, gated_identity, mul, pool, sleep_return, square, task_id_of
 
 pytestmark = pytest.mark.timeout(60)
 

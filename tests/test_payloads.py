@@ -12,11 +12,24 @@ import pytest
 import mqexecutor
 from mqexecutor import Mode, spill
 
-from .helpers import (Gate, gated, gated_identity, identity, length,
-                      make_bytes, pool, producer_subdir, raise_value_error,
-                      remove_test_key,
-                      sha256_hex, shutdown_or_fail, spill_entries, spill_files_of,
-                      unused_key, wait_until)
+from .helpers import (
+    Gate,
+    gated,
+    gated_identity,
+    identity,
+    length,
+    make_bytes,
+    pool,
+    producer_subdir,
+    raise_value_error,
+    remove_test_key,
+    sha256_hex,
+    shutdown_or_fail,
+    spill_entries,
+    spill_files_of,
+    unused_key,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -833,7 +833,8 @@ PRODUCER = """
     import os, sys, time
     import qh
     from mqexecutor import MQExecutor
-    key, me, n, mode, go = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    key, me, n, mode = (int(a) for a in sys.argv[1:5])
+    go = sys.argv[5]
     ex = MQExecutor.attach(key, mode=mode)
     print("ATTACHED", flush=True)
     while not os.path.exists(go):

@@ -18,9 +18,20 @@ import pytest
 import mqexecutor
 from mqexecutor import MQExecutor, Mode, spill
 
-from .helpers import (Gate, gated, gated_identity, pid_alive, producer_subdir,
-                      queue_exists, reply_key, run_script, shutdown_or_fail, sleep_return,
-                      square, wait_until)
+from .helpers import (
+    Gate,
+    gated,
+    gated_identity,
+    pid_alive,
+    producer_subdir,
+    queue_exists,
+    reply_key,
+    run_script,
+    shutdown_or_fail,
+    sleep_return,
+    square,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
