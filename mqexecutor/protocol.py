@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from types import ModuleType
 from typing import NamedTuple
 
 __all__ = [
@@ -301,7 +302,7 @@ def replace_route(message: bytes, task_id: int, token: int, reply: int, pid: int
                  bytes(body), authkey)
 
 
-def _hmac():  # type: ignore[no-untyped-def]
+def _hmac() -> ModuleType:
     """The hmac module, imported on first use: with hashlib and OpenSSL it is
     3-4 ms of ``import mqexecutor`` that only pools with an authkey need."""
     import hmac
