@@ -59,6 +59,7 @@ from .protocol import (
     HEADER_FORMAT,
     HEADER_SIZE,
     HEADER_STRUCT,
+    MAGIC,
     PREEMPTIVE_MTYPE,
     RESULT_MTYPE,
     TAG_SIZE,
@@ -732,12 +733,11 @@ class _PoolState:
         and no result can arrive before the message is sent, so the Future's own
         condition is not needed (PENDING -> RUNNING notifies no waiter).
         Returns False when the queue is full."""
-        fut = item
-        fut._state = _RUNNING
+        item._state = _RUNNING
         try:
             self.task_queue.send(item._message, block=False, type=item._mtype)
         except BaseException as exc:
-            fut._state = _PENDING
+            item._state = _PENDING
             if isinstance(exc, sysv_ipc.BusyError) or type(exc) is sysv_ipc.Error:
                 return False  # full, or EINTR
             if isinstance(exc, (sysv_ipc.Error, OSError)):
@@ -931,10 +931,9 @@ class _PoolState:
                 spill.discard(item._spill_ref)
             if self.journal is not None:
                 self.journal.forget(self.token, item.task_id)
-            fut = item
-            if not fut.done():
+            if not item.done():
                 try:
-                    fut.set_exception(BrokenMQPool(message))
+                    item.set_exception(BrokenMQPool(message))
                 except _futures_base.InvalidStateError:
                     pass
         self.wake()
@@ -950,8 +949,7 @@ class _PoolState:
         self.wake()
 
 
-def _set_outcome(item: MQFuture, fut: MQFuture, status: int, value: Any,
-                 worker: int) -> None:
+def _set_outcome(fut: MQFuture, status: int, value: Any, worker: int) -> None:
     try:
         if status == Status.OK:
             fut.set_result(value)
@@ -1105,7 +1103,8 @@ def _set_value(state: _PoolState, fut: MQFuture, data: memoryview) -> None:
 
 
 _LEN = struct.Struct("<I")  # a batch entry's length
-_PLAIN_RESULT = (b"MQ", WIRE_VERSION, int(Kind.RESULT))
+_PLAIN_RESULT = (MAGIC, WIRE_VERSION, int(Kind.RESULT))
+_TASK = int(Kind.TASK)  # for the header submit() packs itself
 
 
 def _handle_result(state: _PoolState, raw: bytes) -> None:
@@ -1148,21 +1147,20 @@ def _handle_result(state: _PoolState, raw: bytes) -> None:
     if h.status == Status.WORKER_DIED:
         _worker_died(state, h.task_id, body, spilled)
         return
-    item = state.take(h.task_id)
-    if item is None:
+    fut = state.take(h.task_id)
+    if fut is None:
         if spilled:
             spill.discard(bytes(body).decode("ascii", "replace"))
         return
-    if item._keep and item._spill_ref:
-        spill.discard(item._spill_ref)  # normally gone already: the worker unlinks it
-    fut = item
+    if fut._keep and fut._spill_ref:
+        spill.discard(fut._spill_ref)  # normally gone already: the worker unlinks it
     state.completed += 1
     try:
         value = codec.loads(body, spilled)
     except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
         _unpickling_failed(state, fut, h.task_id, exc)
         return
-    _set_outcome(item, fut, h.status, value, h.worker)
+    _set_outcome(fut, h.status, value, h.worker)
     if state.journal is not None:  # delivered: forget it
         state.journal.forget(state.token, h.task_id)
 
@@ -1233,15 +1231,14 @@ def _worker_died(state: _PoolState, task_id: int, body: Any, spilled: bool) -> N
     _fail_item(state, item, err)
 
 
-def _fail_item(state: _PoolState, item: MQFuture, err: BaseException) -> None:
+def _fail_item(state: _PoolState, fut: MQFuture, err: BaseException) -> None:
     """Fail the Future of a task whose worker died (already taken from pending)."""
-    fut = item
     if isinstance(err, TerminatedWorkerError):
         err.fn_name = fut.fn_name
-        tries = f" (attempt {item._attempts})" if item._attempts > 1 else ""
+        tries = f" (attempt {fut._attempts})" if fut._attempts > 1 else ""
         err.args = (f"{err.args[0]} ({fut.fn_name}){tries}",)
-    if item._spill_ref and item._keep:
-        spill.discard(item._spill_ref)
+    if fut._spill_ref and fut._keep:
+        spill.discard(fut._spill_ref)
     if state.journal is not None:
         state.journal.forget(state.token, fut.task_id)
     try:
@@ -1412,8 +1409,7 @@ def _teardown(state: _PoolState) -> None:
         items = list(state.pending.values())
         state.pending.clear()
         state.backlog.clear()
-    for item in items:
-        fut = item
+    for fut in items:
         if fut.done():
             continue
         if fut.running():  # still in the kernel queue: it stays there
@@ -1421,8 +1417,8 @@ def _teardown(state: _PoolState) -> None:
             continue
         if fut.cancel():
             fut.set_running_or_notify_cancel()
-        if item._spill_ref and state.journal is None:
-            spill.discard(item._spill_ref)  # durable: the next owner runs it
+        if fut._spill_ref and state.journal is None:
+            spill.discard(fut._spill_ref)  # durable: the next owner runs it
     state.release_resources()
 
 
@@ -1852,9 +1848,8 @@ class MQExecutor(Executor):
                     state.journal.move((h.token, h.task_id), (state.token, task_id), message)
                 fut._task(message, mtype, worker, ref, 0,
                           durable or bool(h.flags & F_KEEP_SPILL))
-                item = fut
-                state.pending[task_id] = item
-                state.backlog.append(item)
+                state.pending[task_id] = fut
+                state.backlog.append(fut)
                 self._recovered.append(fut)
         state.feed()
 
@@ -2064,15 +2059,15 @@ class MQExecutor(Executor):
                 mtype, worker = PREEMPTIVE_MTYPE, -1
             assert state.reply_queue is not None
             if state.authkey is None:  # build() without HMAC, in one step
-                message = HEADER_STRUCT.pack(b"MQ", WIRE_VERSION, 1, flags, 0, task_id, state.token,
-                                       state.reply_queue.key, state.pid, worker,
-                                       len(prefix) + len(body)) + prefix + body
+                message = HEADER_STRUCT.pack(
+                    MAGIC, WIRE_VERSION, _TASK, flags, 0, task_id, state.token,
+                    state.reply_queue.key, state.pid, worker,
+                    len(prefix) + len(body)) + prefix + body
             else:
                 message = build(Kind.TASK, flags, 0, task_id, state.token,
                                 state.reply_queue.key, state.pid, worker, prefix + body,
                                 state.authkey)
             fut._task(message, mtype, worker, spill_ref, retries, keep)
-            item = fut
             if state.journal is not None:
                 try:
                     state.journal.record(state.token, task_id, message)
@@ -2082,16 +2077,16 @@ class MQExecutor(Executor):
                     if spill_ref:
                         spill.discard(spill_ref)
                     raise
-            state.pending[task_id] = item
+            state.pending[task_id] = fut
             try:
-                if not state.backlog and state.room() and state.send_now(item):
+                if not state.backlog and state.room() and state.send_now(fut):
                     return fut
             except BaseException:  # BrokenMQPool, or e.g. KeyboardInterrupt in msgsnd
-                state.forget(item)
+                state.forget(fut)
                 raise
             # The kernel queue is full: the task waits in the backlog, which the
             # collector refills from as results arrive (the manager polls too).
-            state.backlog.append(item)
+            state.backlog.append(fut)
             if len(state.backlog) == 1:
                 state.wake()
         return fut

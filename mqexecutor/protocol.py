@@ -46,7 +46,6 @@ HEADER_FORMAT = "<2sBBHHQQiiiI"
 HEADER_SIZE = struct.calcsize(HEADER_FORMAT)
 #: The header's ``struct.Struct`` (for code that packs or unpacks it in place).
 HEADER_STRUCT = struct.Struct(HEADER_FORMAT)
-_HEADER = HEADER_STRUCT
 assert HEADER_SIZE == 40
 
 #: Message type of tasks sent in preemptive mode. Preemptive workers receive with
@@ -156,7 +155,7 @@ class Header(NamedTuple):
 def pack_header(kind: int, flags: int, status: int, task_id: int, token: int,
                 reply: int, pid: int, worker: int, length: int) -> bytes:
     """Encode a header; returns ``HEADER_SIZE`` (40) bytes."""
-    return _HEADER.pack(MAGIC, WIRE_VERSION, kind, flags, status, task_id, token,
+    return HEADER_STRUCT.pack(MAGIC, WIRE_VERSION, kind, flags, status, task_id, token,
                         reply, pid, worker, length)
 
 
@@ -214,7 +213,7 @@ def unpack_header(data: bytes | memoryview) -> Header:
         raise ProtocolError(f"message of {len(data)} bytes is shorter than the "
                             f"{HEADER_SIZE}-byte header")
     (magic, version, kind, flags, status, task_id, token, reply, pid, worker,
-     length) = _HEADER.unpack_from(data)
+     length) = HEADER_STRUCT.unpack_from(data)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic!r} (expected {MAGIC!r})")
     if version != WIRE_VERSION:
@@ -325,8 +324,8 @@ def build(kind: int, flags: int, status: int, task_id: int, token: int, reply: i
 def ok_result(task_id: int, token: int, pid: int, worker: int, body: bytes) -> bytes:
     """``build(Kind.RESULT, 0, Status.OK, task_id, token, 0, pid, worker, body)``
     without HMAC, made in one step (a worker's most common message)."""
-    return _HEADER.pack(MAGIC, WIRE_VERSION, 2, 0, 0, task_id, token, 0, pid, worker,
-                        len(body)) + body
+    return HEADER_STRUCT.pack(MAGIC, WIRE_VERSION, Kind.RESULT, Status.OK, 0, task_id, token,
+                              0, pid, worker, len(body)) + body
 
 
 def parse(raw: bytes, authkey: bytes | None = None) -> tuple[Header, memoryview]:

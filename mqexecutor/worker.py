@@ -534,20 +534,22 @@ class _Outbox:
         route = self.route
         if box.count == 1:
             message = box.first()
-            inner = [message]
+            self.send(route, message, [message])
         else:  # the inner messages carry their own HMAC: the outer header none;
             # its task id field tells how long the tasks ran (microseconds)
-            body = box.body()
             message = build(Kind.RESULT, F_BATCH, 0, busy_us, route.token, 0,
-                            self.worker.pid, self.worker.cfg.worker_id, body)
-            inner = []
-        if not self.worker.replier.send(route.reply, message, route.pid, route.token):
-            _drop_results(inner or split_batch(memoryview(message)[HEADER_SIZE:]),
-                          route.pid, route.token)
+                            self.worker.pid, self.worker.cfg.worker_id, box.body())
+            self.send(route, message)
         box.clear()
 
-    def send(self, route: outbox.Route, message: bytes, inner: list[bytes]) -> None:
+    def send(self, route: outbox.Route, message: bytes, inner: list[bytes] | None = None
+             ) -> None:
+        """Send ``message`` along ``route``; if the producer is gone, drop its
+        results: ``inner``, or when None the entries of the RESULT BATCH
+        ``message`` (split only then)."""
         if not self.worker.replier.send(route.reply, message, route.pid, route.token):
+            if inner is None:
+                inner = split_batch(memoryview(message)[HEADER_SIZE:])
             _drop_results(inner, route.pid, route.token)
 
 
@@ -692,7 +694,7 @@ class _Worker:
                 if fast and n > HEADER_SIZE + 2:
                     (magic, version, kind, flags, _status, task_id, token, reply, pid,
                      _worker, length) = unpack(raw, off)
-                    if (magic == MAGIC and version == WIRE_VERSION and kind == 1
+                    if (magic == MAGIC and version == WIRE_VERSION and kind == Kind.TASK
                             and length == n - HEADER_SIZE and not flags & _NOT_PLAIN):
                         start = off + HEADER_SIZE + 2 + (raw[off + 40] | raw[off + 41] << 8)
                         if start <= off + n:
