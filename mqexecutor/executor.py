@@ -973,6 +973,10 @@ def _set_outcome(fut: MQFuture, status: int, value: Any, worker: int) -> None:
         pass  # cancelled or failed meanwhile
 
 
+REPLY_QUEUE_GONE = ("the reply queue was removed from the kernel (ipcrm?) while the pool "
+                    "was running: the outcomes of its tasks cannot come back")
+
+
 def _collector_loop(state: _PoolState) -> None:
     """Drain the reply queue for good: complete Futures, refill the task queue."""
     queue = state.reply_queue
@@ -983,7 +987,10 @@ def _collector_loop(state: _PoolState) -> None:
         try:
             raw, _mtype = got or queue.receive()
         except sysv_ipc.ExistentialError:
-            return  # the reply queue was removed: shutdown is complete
+            # Removed at shutdown, after this thread was joined; else by hand.
+            if not state.closed:
+                state.break_pool(REPLY_QUEUE_GONE)
+            return
         except sysv_ipc.Error:
             continue  # EINTR
         except OSError as exc:
@@ -1348,7 +1355,10 @@ def _send_to_producer(state: _PoolState, token: int, reply: int, producer_pid: i
             if token != state.token and not persistence.pid_alive(producer_pid):
                 return
             time.sleep(0.005)
-        except sysv_ipc.Error:
+        except (sysv_ipc.Error, OSError):
+            # Gone (EIDRM, or EINVAL once its id is freed): the producer is
+            # gone, or, for this executor's own queue, its collector breaks
+            # the pool when its receive meets the removal.
             return
 
 

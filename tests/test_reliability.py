@@ -553,3 +553,38 @@ def test_full_reply_queue_of_a_producer_whose_pid_moved_on_is_given_up(monkeypat
         sleeper.wait()
         full.remove()
         persistence.remove_queue(key)
+
+
+def _sleep_then_crash(delay):
+    time.sleep(delay)
+    no_core()
+    faulthandler._sigsegv()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("which", ["reply_queue", "task_queue"])
+def test_queue_removed_by_hand_breaks_the_pool(which, monkeypatch):
+    """``ipcrm`` of a running pool's reply or task queue: every pending Future
+    fails with BrokenMQPool naming the queue, no thread of the pool dies of it
+    (a worker death reported meanwhile found the reply queue gone: its msgsnd
+    fails with EINVAL), and shutdown returns."""
+    from mqexecutor import BrokenMQPool
+    thread_errors = []
+    monkeypatch.setattr("threading.excepthook", lambda args: thread_errors.append(args))
+    with pool(max_workers=2) as ex:
+        running = ex.submit(time.sleep, 2)
+        crashing = ex.submit(_sleep_then_crash, 0.3)
+        assert wait_until(lambda: running.running() and crashing.running(), 10)
+        time.sleep(0.1)  # both taken by a worker
+        sysv_ipc.remove_message_queue(getattr(ex._state, which).id)
+        name = which.replace("_", " ")
+        exc = running.exception(timeout=20)
+        assert isinstance(exc, BrokenMQPool) and name in str(exc), repr(exc)
+        exc = crashing.exception(timeout=20)
+        if which == "reply_queue":  # no outcome can come back
+            assert isinstance(exc, BrokenMQPool) and name in str(exc), repr(exc)
+        else:  # its death may be reported before the pool breaks
+            assert isinstance(exc, BrokenProcessPool), repr(exc)
+        with pytest.raises(BrokenMQPool):
+            ex.submit(square, 2)
+    assert thread_errors == [], [(e.thread.name, e.exc_value) for e in thread_errors]
