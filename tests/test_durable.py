@@ -330,12 +330,14 @@ def test_chaos_kill_the_tree_20_times_then_finish(tmp_path, tasks_module):
     rng = random.Random()
     history = []
     tree = None
+    drivers: set[int] = set()
     try:
         kills = attempts = 0
         while kills < kills_wanted:
             attempts += 1
             assert attempts <= kills_wanted + 2, f"the work ran out: {history}"
             tree = Tree(tmp_path, str(driver), key, n, log, progress, name=f"run{attempts}")
+            drivers.add(tree.pid)
             delay = rng.uniform(0.05, 0.6)
             time.sleep(delay)
             killed = tree.kill()
@@ -362,16 +364,23 @@ def test_chaos_kill_the_tree_20_times_then_finish(tmp_path, tasks_module):
         if tree is not None:
             tree.kill()
         cleanup_key(key)
-        _remove_orphans_of_kills(queues_before, started)
+        _remove_orphans_of_kills(queues_before, started, drivers)
 
 
-def _remove_orphans_of_kills(before: set, since: float) -> None:
+def _remove_orphans_of_kills(before: set, since: float, drivers: set[int]) -> None:
     """A driver killed inside its constructor leaves queues made during the
     test, never sent to nor received from, that only a gc would remove (their
-    keys are in its meta.json). This crash test removes what it crashed."""
+    keys are in its meta.json). This crash test removes what it crashed: the
+    queues named in the meta.json of its own drivers (pids ``drivers``) only,
+    never those of another program of this user (another test run's pool whose
+    reply queue has not been used yet looks the same in ``ipcs``)."""
+    named = set()
+    for subdir, meta in persistence.producer_metas():
+        if subdir.startswith("p-") and meta.owner_pid in drivers:
+            named.update({meta.key, meta.reply_key} if meta.private else {meta.reply_key})
     for q in ipcinfo.list_queues():
-        if (q.msqid not in before and q.ctime >= int(since) and q.uid == os.getuid()
-                and q.lspid == 0 and q.lrpid == 0 and q.qnum == 0):
+        if (q.key in named and q.msqid not in before and q.ctime >= int(since)
+                and q.uid == os.getuid() and q.lspid == 0 and q.lrpid == 0 and q.qnum == 0):
             try:
                 sysv_ipc.MessageQueue(q.key, 0).remove()
             except sysv_ipc.Error:
