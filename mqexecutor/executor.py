@@ -56,6 +56,7 @@ from .protocol import (
     F_KEEP_SPILL,
     F_SPILL,
     F_TARGETED,
+    F_VALUES,
     HEADER_FORMAT,
     HEADER_SIZE,
     HEADER_STRUCT,
@@ -74,6 +75,7 @@ from .protocol import (
     replace_route,
     split_batch,
     split_task_body,
+    split_values,
     targeted_mtype,
     task_body,
     unpack_header,
@@ -134,6 +136,7 @@ class StrandedTask(NamedTuple):
 
 _RNG = random.SystemRandom()
 _RUNNING = _futures_base.RUNNING
+_FINISHED = _futures_base.FINISHED
 _PENDING = _futures_base.PENDING
 _CANCELLED_STATES = frozenset((_futures_base.CANCELLED,
                                _futures_base.CANCELLED_AND_NOTIFIED))
@@ -791,6 +794,8 @@ class _PoolState:
                 return 1
         body = b"".join(parts)
         flags = F_BATCH | (F_TARGETED if self.targeted else 0)
+        if self.authkey is None and self.journal is None:
+            flags |= F_VALUES  # plain return values may come back together
         message = build(Kind.TASK, flags, 0, first.task_id, self.token,
                         self.reply_queue.key, self.pid, first._worker, body)
         for it in items:  # as in send_now
@@ -1031,6 +1036,8 @@ def _handle_message(state: _PoolState, raw: bytes) -> int:
     """Handle one message of the reply queue: a result, or a RESULT BATCH of
     them (sent by a worker for the tasks of one BATCH). Returns how many
     results it carried."""
+    if len(raw) >= HEADER_SIZE and raw[4] & F_VALUES and raw[:2] == b"MQ":
+        return _handle_values(state, raw)
     if len(raw) >= HEADER_SIZE and raw[4] & F_BATCH and raw[:2] == b"MQ":
         try:
             h = unpack_header(raw)
@@ -1094,6 +1101,57 @@ def _handle_plain_batch(state: _PoolState, raw: bytes) -> int:
     finally:
         state.completed += done
     return count
+
+
+def _handle_values(state: _PoolState, raw: bytes) -> int:
+    """Complete the Futures of a RESULT VALUES message: plain return values
+    of several tasks, unpickled together. Returns how many it held."""
+    try:
+        h = unpack_header(raw)
+        if h.kind != Kind.RESULT or h.token != state.token or h.status or state.authkey:
+            raise ProtocolError("RESULT VALUES must be an unsigned Status.OK result "
+                                "for this producer")
+        ids, pickled = split_values(memoryview(raw)[HEADER_SIZE:])
+    except ProtocolError as exc:
+        sys.stderr.write(f"mqexecutor: refused a message on the reply queue: {exc}\n")
+        return 0
+    pending = state.pending
+    finished = state.finished
+    try:
+        values = pickle.loads(pickled)
+        if type(values) is not list or len(values) != len(ids):
+            raise ProtocolError(f"{len(ids)} task ids but not as many values")
+    except BaseException as exc:  # noqa: BLE001 - fails those tasks, as _set_value
+        for task_id in ids:
+            fut = state.take(task_id)
+            if fut is not None:
+                _unpickling_failed(state, fut, task_id, exc)
+        return len(ids)
+    done = 0
+    for task_id, value in zip(ids, values):
+        # state.take() and set_result(), inline: the hot path of a burst
+        fut = pending.pop(task_id, None)
+        if fut is None:
+            continue  # not ours anymore (cancelled at shutdown, a duplicate)
+        worker = fut._worker
+        if worker >= 0:
+            finished[worker] += 1
+        fut._batch = None
+        fut._message = b""
+        done += 1
+        with fut._condition:
+            if fut._state in _DONE_STATES:
+                continue  # cancelled or failed meanwhile
+            fut._result = value
+            fut._state = _FINISHED
+            for waiter in fut._waiters:
+                waiter.add_result(fut)
+        if fut._done_callbacks:
+            fut._invoke_callbacks()  # type: ignore[attr-defined]
+    state.completed += done
+    if h.task_id:  # microseconds the worker spent running these tasks
+        state.note_busy(len(ids), h.task_id / 1e6)
+    return len(ids)
 
 
 def _set_value(state: _PoolState, fut: MQFuture, data: memoryview) -> None:

@@ -17,7 +17,10 @@ this header (little-endian, no padding; ``struct`` format ``HEADER_FORMAT``)::
     36     4    length    bytes of body that follow the header
 
 The body of a RESULT is a pickle (protocol 5) or, when ``Flag.SPILL`` is set,
-the reference of a spill file (see :mod:`mqexecutor.spill`). The body of a TASK
+the reference of a spill file (see :mod:`mqexecutor.spill`); with
+``Flag.BATCH``, several whole messages (:func:`join_batch`); with
+``Flag.VALUES``, the task ids and one pickle of the plain return values of
+several tasks (:func:`values_body`). The body of a TASK
 starts with the function's qualified name (u16 length, then UTF-8 bytes), so a
 queue can be inspected without unpickling anything, followed by the same
 pickle-or-reference payload. docs/protocol.md
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import sys
 from types import ModuleType
 from typing import NamedTuple
 
@@ -37,7 +41,8 @@ __all__ = [
     "RESULT_MTYPE", "CONTROL_MTYPE", "targeted_mtype", "task_body", "split_task_body",
     "task_payload", "replace_route", "build", "parse", "AuthError", "TAG_SIZE", "split_batch",
     "join_batch", "flatten", "ok_result", "batch_entries",
-    "F_SPILL", "F_TARGETED", "F_BATCH", "F_AUTH", "F_KEEP_SPILL", "F_FN_REF",
+    "F_SPILL", "F_TARGETED", "F_BATCH", "F_AUTH", "F_KEEP_SPILL", "F_FN_REF", "F_VALUES",
+    "values_body", "split_values",
 ]
 
 MAGIC = b"MQ"
@@ -96,6 +101,10 @@ class Flag(enum.IntFlag):
     #: comes as a reference the producer makes once per function and the worker
     #: resolves once (import the module, look the name up, as unpickling does).
     FN_REF = 0x0020
+    #: On a BATCH: its producer reads RESULT VALUES replies. On a RESULT: the
+    #: body is the return values of several tasks (see :func:`values_body`),
+    #: all Status.OK: one unpickling for all of them in the producer.
+    VALUES = 0x0040
 
 
 class Status(enum.IntEnum):
@@ -123,6 +132,7 @@ F_BATCH = int(Flag.BATCH)
 F_AUTH = int(Flag.AUTH)
 F_KEEP_SPILL = int(Flag.KEEP_SPILL)
 F_FN_REF = int(Flag.FN_REF)
+F_VALUES = int(Flag.VALUES)
 
 
 class ProtocolError(ValueError):
@@ -272,6 +282,38 @@ def join_batch(messages: list[bytes]) -> bytes:
     """The body of a BATCH message carrying ``messages`` (whole messages, each
     with its header): inverse of :func:`split_batch`."""
     return b"".join(_LEN.pack(len(m)) + m for m in messages)
+
+
+_COUNT = struct.Struct("<I")
+_NATIVE_LITTLE = sys.byteorder == "little"
+
+
+def values_body(task_ids: list[int], pickled_values: bytes) -> bytes:
+    """The body of a RESULT VALUES message: u32 count, count u64 task ids,
+    then one pickle of the list of their return values, in the same order."""
+    n = len(task_ids)
+    return _COUNT.pack(n) + struct.pack(f"<{n}Q", *task_ids) + pickled_values
+
+
+def split_values(body: bytes | memoryview) -> tuple[memoryview, memoryview]:
+    """Inverse of :func:`values_body`: (task ids as a memoryview of unsigned
+    64-bit ints, the pickle of the values).
+
+    Raises:
+        ProtocolError: the body is shorter than its count says.
+    """
+    view = memoryview(body)
+    if len(view) < _COUNT.size:
+        raise ProtocolError("RESULT VALUES body shorter than its count")
+    (n,) = _COUNT.unpack_from(view)
+    end = _COUNT.size + 8 * n
+    if len(view) <= end:
+        raise ProtocolError(f"RESULT VALUES body of {len(view)} bytes cannot hold {n} "
+                            "task ids and their values")
+    ids = view[_COUNT.size:end]
+    if _NATIVE_LITTLE:
+        return ids.cast("Q"), view[end:]
+    return memoryview(struct.pack(f"={n}Q", *struct.unpack(f"<{n}Q", ids))).cast("Q"), view[end:]
 
 
 def flatten(raw: bytes) -> list[bytes]:

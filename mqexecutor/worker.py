@@ -43,6 +43,7 @@ from .protocol import (
     F_KEEP_SPILL,
     F_SPILL,
     F_TARGETED,
+    F_VALUES,
     HEADER_SIZE,
     HEADER_STRUCT,
     MAGIC,
@@ -58,6 +59,7 @@ from .protocol import (
     split_batch,
     task_payload,
     unpack_header,
+    values_body,
 )
 from .scoreboard import Scoreboard
 
@@ -444,6 +446,10 @@ def _drop_results(messages: list[bytes], pid: int, token: int) -> None:
         spill.remove_if_empty(spill.producer_subdir(pid, token))
 
 
+#: ``_Outbox.add``'s value for a result that is not a plain inline value.
+_NO_VALUE: Any = object()
+
+
 class _Outbox:
     """The results of one BATCH message's tasks, sent together in RESULT BATCH
     messages (see :mod:`mqexecutor.outbox`, which keeps them in a file until
@@ -453,7 +459,12 @@ class _Outbox:
     starts once the oldest waiting result is ``FLUSH_AGE`` seconds old, when the
     batch ends, and by a thread (``mqexecutor-outbox``) once the oldest is
     ``FLUSH_AGE`` old while a long task runs: a slow task never holds back the
-    results of the quick ones before it."""
+    results of the quick ones before it.
+
+    When the producer asked for it (F_VALUES on its BATCH) and every result
+    waiting is a plain return value (``codec.PLAIN_TYPES``, inline, no
+    authkey), they go in one RESULT VALUES message instead: their task ids and
+    one pickle of the values, which the producer unpickles once."""
 
     #: Seconds a result may wait for others before it is sent.
     FLUSH_AGE = 0.001
@@ -471,12 +482,22 @@ class _Outbox:
         self.since = 0.0
         self.busy = 0.0  # seconds spent running the tasks of the waiting results
         self.route = outbox.Route(0, 0, 0)
+        #: Whether the producer of the current BATCH reads RESULT VALUES
+        #: (its BATCH had F_VALUES); then the return values of the results
+        #: waiting are kept here too, while all are plain (``plain``).
+        self.values_ok = False
+        self.plain = True
+        self.value_ids: list[int] = []
+        self.values: list[Any] = []
         self.lock = threading.Lock()
         self.waiting = threading.Event()  # set while results wait
         self.flusher: threading.Thread | None = None
 
-    def add(self, reply: int, pid: int, token: int, message: bytes, busy: float) -> None:
-        """Keep (or send) the result ``message`` of a task that ran ``busy`` seconds."""
+    def add(self, reply: int, pid: int, token: int, message: bytes, busy: float,
+            task_id: int = 0, value: Any = _NO_VALUE) -> None:
+        """Keep (or send) the result ``message`` of task ``task_id``, which ran
+        ``busy`` seconds; ``value``: its return value when ``message`` is a
+        plain inline Status.OK result (``ok_result``)."""
         with self.lock:
             box = self.box
             if box is None or 4 + len(message) > self.limit:
@@ -498,6 +519,12 @@ class _Outbox:
                 self.waiting.set()
             box.add(self.route, message)
             self.busy += busy
+            if self.values_ok and self.plain:
+                if value is _NO_VALUE:
+                    self.plain = False
+                else:
+                    self.value_ids.append(task_id)
+                    self.values.append(value)
 
     def due(self) -> bool:
         box = self.box
@@ -535,12 +562,22 @@ class _Outbox:
         if box.count == 1:
             message = box.first()
             self.send(route, message, [message])
+        elif self.values_ok and self.plain:
+            # plain values only: one pickle of them all (the outbox file keeps
+            # the RESULT messages, for the owner to deliver if this worker dies)
+            message = build(Kind.RESULT, F_VALUES, 0, busy_us, route.token, 0,
+                            self.worker.pid, self.worker.cfg.worker_id,
+                            values_body(self.value_ids, pickle.dumps(self.values, PROTOCOL)))
+            self.send(route, message, [])  # no spill file to drop if not sent
         else:  # the inner messages carry their own HMAC: the outer header none;
             # its task id field tells how long the tasks ran (microseconds)
             message = build(Kind.RESULT, F_BATCH, 0, busy_us, route.token, 0,
                             self.worker.pid, self.worker.cfg.worker_id, box.body())
             self.send(route, message)
         box.clear()
+        self.plain = True
+        self.value_ids = []
+        self.values = []
 
     def send(self, route: outbox.Route, message: bytes, inner: list[bytes] | None = None
              ) -> None:
@@ -678,6 +715,8 @@ class _Worker:
         cfg = self.cfg
         mtype = cfg.worker_id + 1 if h.flags & F_TARGETED else 1
         results = self.outbox
+        # empty here: the results of the previous batch were sent at its end
+        results.values_ok = bool(h.flags & F_VALUES) and cfg.authkey is None
         view = memoryview(raw)
         fast = cfg.authkey is None
         unpack = HEADER_STRUCT.unpack_from
@@ -770,19 +809,22 @@ class _Worker:
                     ran = time.perf_counter() - started
                 del fn, args, kwargs
             msg: bytes | None = None
+            value: Any = _NO_VALUE
             if not status and cfg.authkey is None and type(outcome) in PLAIN_TYPES:
                 data = pickle.dumps(outcome, PROTOCOL)  # a plain value: the short way
                 if len(data) <= self.inline_max:
                     msg = ok_result(task_id, token, self.pid, cfg.worker_id, data)
+                    value = outcome
             if msg is None:
                 msg = _encode_outcome(status, task_id, token, cfg.worker_id, outcome,
                                       self.inline_max, self.subdir(pid, token),
                                       cfg.authkey, self.pid)
             del outcome
             if results is not None:
-                results.add(reply, pid, token, msg, ran)
+                results.add(reply, pid, token, msg, ran, task_id, value)
             elif not self.replier.send(reply, msg, pid, token):
                 _drop_results([msg], pid, token)
+            del value
         finally:
             _task_id = None
 

@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import struct
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -30,13 +31,17 @@ from mqexecutor import Mode, TerminatedWorkerError, ipcinfo, outbox
 from mqexecutor import executor as executor_module
 from mqexecutor.protocol import (
     F_BATCH,
+    F_VALUES,
     HEADER_FORMAT,
     HEADER_SIZE,
     RESULT_MTYPE,
     Kind,
+    ProtocolError,
     Status,
     build,
     join_batch,
+    split_values,
+    values_body,
 )
 from tests.helpers import (
     Gate,
@@ -159,16 +164,19 @@ def test_batch_size_is_validated():
 AUTHKEY = b"result-batch-test-key-0123456789"
 
 
-def _count_results_per_message(monkeypatch) -> list[tuple[int, bool]]:
+def _count_results_per_message(monkeypatch) -> list[tuple[int, str]]:
     """Record, for every message the collector handles, how many results it
-    carried and whether it was a RESULT BATCH (F_BATCH in the outer header).
-    The collector looks ``_handle_message`` up in the module on every message."""
-    seen: list[tuple[int, bool]] = []
+    carried and its form: "values" (RESULT VALUES, F_VALUES), "batch" (RESULT
+    BATCH, F_BATCH) or "single". The collector looks ``_handle_message`` up in
+    the module on every message."""
+    seen: list[tuple[int, str]] = []
     real = executor_module._handle_message
 
     def spy(state, raw):
         n = real(state, raw)
-        seen.append((n, bool(len(raw) >= HEADER_SIZE and raw[4] & F_BATCH)))
+        flags = raw[4] if len(raw) >= HEADER_SIZE else 0
+        seen.append((n, "values" if flags & F_VALUES else
+                     "batch" if flags & F_BATCH else "single"))
         return n
 
     monkeypatch.setattr(executor_module, "_handle_message", spy)
@@ -177,10 +185,11 @@ def _count_results_per_message(monkeypatch) -> list[tuple[int, bool]]:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("authkey", [None, AUTHKEY], ids=["plain", "authkey"])
-def test_results_of_a_batch_come_back_in_result_batch_messages(tmp_path, monkeypatch,
-                                                               authkey):
-    # With authkey=, each inner result carries its own HMAC and the outer
-    # RESULT BATCH header none: the collector must check the inner ones only.
+def test_results_of_a_batch_come_back_together(tmp_path, monkeypatch, authkey):
+    """Plain return values (ints here) come back in RESULT VALUES messages: one
+    pickle for all of them. With authkey=, each result carries its own HMAC, so
+    they come in RESULT BATCH messages instead, whose outer header has none:
+    the collector must check the inner ones only."""
     seen = _count_results_per_message(monkeypatch)
     gate = Gate(tmp_path)
     with pool(max_workers=1, batch_size=50, authkey=authkey) as ex:
@@ -188,13 +197,139 @@ def test_results_of_a_batch_come_back_in_result_batch_messages(tmp_path, monkeyp
         gate.open()
         blocker.result(timeout=30)
         assert [f.result(timeout=30) for f in futures] == list(range(N))
-    batches = [n for n, is_batch in seen if is_batch]
+    packed = "values" if authkey is None else "batch"
+    other = "batch" if authkey is None else "values"
+    batches = [n for n, form in seen if form == packed]
     assert batches and max(batches) > 1, \
-        f"no message carried more than one result: {seen[:20]}"
+        f"no {packed} message carried more than one result: {seen[:20]}"
+    assert not [n for n, form in seen if form == other], seen
     # Every result arrived exactly once, whatever the packing.
     assert sum(n for n, _ in seen) == N + 1, seen
     # Far fewer messages than results: they really were packed.
     assert len(seen) < (N + 1) // 2, f"{len(seen)} messages for {N + 1} results"
+
+
+def plain_or_not(x):
+    """A plain value for most ``x``; below 200, some of everything else a task
+    can end with: an exception, a list (not a plain type), a value too large
+    for a message (spilled), a value that cannot be pickled."""
+    if x >= 200:
+        return x if x % 2 else str(x)
+    if x % 10 == 3:
+        raise ValueError(f"raised for {x}")
+    if x % 10 == 5:
+        return [x]
+    if x % 50 == 7:
+        return b"%d" % x * 10_000
+    if x % 50 == 9:
+        return lambda: x  # noqa: E731 - cloudpickle sends it back by value
+    if x % 50 == 11:
+        return threading.Lock()
+    return x if x % 2 else str(x)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", [Mode.PREEMPTIVE, Mode.TARGETED])
+def test_plain_values_and_other_outcomes_of_one_batch(tmp_path, monkeypatch, mode):
+    """Results of one batch that are not all plain values go in a RESULT BATCH
+    (each entry on its own), those that are in RESULT VALUES: every Future gets
+    its own outcome either way. Tasks 200 and up return plain values only, so
+    their batches (of 40) come back as RESULT VALUES."""
+    seen = _count_results_per_message(monkeypatch)
+    gate = Gate(tmp_path)
+    with pool(max_workers=1, mode=mode, batch_size=40) as ex:
+        blocker, futures = _backlog(ex, gate, plain_or_not)
+        gate.open()
+        blocker.result(timeout=30)
+        for x, f in enumerate(futures):
+            exc = f.exception(timeout=30)
+            if x >= 200:
+                assert exc is None and f.result() == (x if x % 2 else str(x))
+            elif x % 10 == 3:
+                assert isinstance(exc, ValueError) and str(exc) == f"raised for {x}"
+            elif x % 10 == 5:
+                assert exc is None and f.result() == [x]
+            elif x % 50 == 7:
+                assert exc is None and f.result() == b"%d" % x * 10_000
+            elif x % 50 == 9:
+                assert exc is None and f.result()() == x
+            elif x % 50 == 11:
+                assert isinstance(exc, TypeError) and "pickle" in str(exc), exc
+            else:
+                assert exc is None and f.result() == (x if x % 2 else str(x))
+    forms = {form for _, form in seen}
+    assert {"values", "batch"} <= forms, seen
+    assert sum(n for n, _ in seen) == N + 1, seen
+
+
+def _serves_on_after_forged_results(ex, gate, mode) -> None:
+    """The real results, arriving after forged ones, are dropped and the pool
+    serves on; the forged outcomes count: in targeted mode worker 0 is free."""
+    gate.open()
+    assert ex.submit(square, 6).result(timeout=30) == 36
+    if mode == Mode.TARGETED:
+        assert ex._state.loads() == [0]
+
+
+def _result_values(token: int, ids: list[int], values: bytes, busy_us: int = 5) -> bytes:
+    return build(Kind.RESULT, F_VALUES, 0, busy_us, token, 0, os.getpid(), 0,
+                 values_body(ids, values))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", [Mode.PREEMPTIVE, Mode.TARGETED])
+def test_result_values_complete_the_futures_they_name(tmp_path, mode):
+    """A RESULT VALUES message naming two pending tasks and one nobody waits
+    for completes the two, in place of the worker; the real results, arriving
+    later, are dropped, and the pool serves on."""
+    gate = Gate(tmp_path)
+    with pool(max_workers=1, mode=mode) as ex:
+        f, g = (ex.submit(gated_identity, gate.path, i) for i in range(2))
+        assert wait_until(lambda: ex.stats().backlog == 0, 10)
+        reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
+        reply.send(_result_values(ex._state.token, [f.task_id, 10**9, g.task_id],
+                                  pickle.dumps(["f", None, 2.5], 5)), type=RESULT_MTYPE)
+        assert f.result(timeout=10) == "f"
+        assert g.result(timeout=10) == 2.5
+        assert ex.stats().completed == 2
+        _serves_on_after_forged_results(ex, gate, mode)
+
+
+@pytest.mark.timeout(60)
+def test_result_values_that_cannot_be_read(tmp_path, capfd):
+    """A RESULT VALUES message shorter than its count says is refused whole;
+    one whose values do not unpickle, or are not as many as its task ids,
+    fails the Futures it names with ResultUnpicklingError."""
+    gate = Gate(tmp_path)
+    with pool(max_workers=1) as ex:
+        f, g, h = (ex.submit(gated_identity, gate.path, i) for i in range(3))
+        token = ex._state.token
+        reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
+        cut = _result_values(token, [f.task_id, g.task_id], pickle.dumps([1, 2], 5))
+        cut = build(Kind.RESULT, F_VALUES, 0, 5, token, 0, os.getpid(), 0,
+                    cut[HEADER_SIZE:HEADER_SIZE + 4 + 8])  # count 2, one task id
+        reply.send(cut, type=RESULT_MTYPE)
+        reply.send(_result_values(token, [f.task_id], b"\x80\x05not a pickle"),
+                   type=RESULT_MTYPE)
+        reply.send(_result_values(token, [g.task_id, h.task_id], pickle.dumps([1], 5)),
+                   type=RESULT_MTYPE)
+        for fut in (f, g, h):
+            exc = fut.exception(timeout=10)
+            assert isinstance(exc, mqexecutor.ResultUnpicklingError), exc
+        gate.open()
+        assert ex.submit(square, 7).result(timeout=30) == 49
+    err = capfd.readouterr().err
+    assert "refused a message on the reply queue" in err and "task ids" in err
+
+
+def test_values_body_round_trip_and_bounds():
+    ids = [1, 2**64 - 1, 12345]
+    body = values_body(ids, pickle.dumps([None, "x", 3], 5))
+    got_ids, pickled = split_values(body)
+    assert list(got_ids) == ids and pickle.loads(pickled) == [None, "x", 3]
+    for cut in (body[:2], body[:4 + 8 * 3], body[:4 + 8]):
+        with pytest.raises(ProtocolError):
+            split_values(cut)
 
 
 # --------------------------------------------------------------------------
@@ -540,10 +675,7 @@ def test_result_batch_with_mixed_entries_completes_each_future(tmp_path, mode):
         assert isinstance(g.exception(timeout=10), ValueError)
         assert h.result(timeout=10) == ["h"]
         assert ex.stats().completed == 3
-        gate.open()
-        assert ex.submit(square, 6).result(timeout=30) == 36
-        if mode == Mode.TARGETED:  # the forged outcomes count: worker 0 is free
-            assert ex._state.loads() == [0]
+        _serves_on_after_forged_results(ex, gate, mode)
 
 
 @pytest.mark.timeout(60)
