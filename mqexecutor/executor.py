@@ -399,7 +399,7 @@ def _spill_reference(task_message: bytes) -> str:
 class _FnInfo:
     """What submit() needs to know of a function, made once (``_fn_info``)."""
 
-    __slots__ = ("name", "prefix", "reference", "owner", "attr")
+    __slots__ = ("name", "prefix", "reference", "owner", "attr", "bare_call")
 
     def __init__(self, fn: Any):
         self.name = _fn_name(fn)
@@ -409,9 +409,13 @@ class _FnInfo:
         self.reference = codec.function_reference(fn)
         self.owner: Any = None
         self.attr = ""
+        #: The payload of a call without arguments, by reference: the same
+        #: bytes every time, pickled once.
+        self.bare_call = b""
         if self.reference is not None:
             try:
                 self.owner, self.attr = codec.holder(self.reference)
+                self.bare_call = pickle.dumps((self.reference, (), {}), codec.PROTOCOL)
             except (KeyError, AttributeError):
                 self.reference = None
 
@@ -2075,7 +2079,12 @@ class MQExecutor(Executor):
             call = info.reference  # made once; still names this very function
             flags |= F_FN_REF
         room = state.inline_max - len(prefix)
-        body = codec.dumps_plain_call(call, args, kwargs, room) if flags & F_FN_REF else None
+        body = None
+        if flags & F_FN_REF:
+            if not args and not kwargs and len(info.bare_call) <= room:
+                body = info.bare_call
+            else:
+                body = codec.dumps_plain_call(call, args, kwargs, room)
         spilled = False
         if body is None:
             try:

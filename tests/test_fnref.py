@@ -358,6 +358,20 @@ def test_dumps_plain_call_is_dumps_in_one_step_for_plain_arguments():
 
 
 @pytest.mark.timeout(60)
+def test_a_call_without_arguments_sends_the_payload_pickled_once():
+    """submit(fn) with no arguments sends the bytes made once per function,
+    which are what dumps_plain_call would make every time; the workers run it."""
+    ref = codec.function_reference(os.getpid)
+    info = executor_module._fn_info(os.getpid)
+    assert info.bare_call == codec.dumps_plain_call(ref, (), {}, 8000)
+    assert pickle.loads(info.bare_call) == (ref, (), {})
+    with pool(max_workers=1) as ex:
+        pids = {ex.submit(os.getpid).result(timeout=30) for _ in range(3)}
+        assert len(pids) == 1 and pids != {os.getpid()}
+        assert ex.submit(helpers.square, 5).result(timeout=30) == 25
+
+
+@pytest.mark.timeout(60)
 def test_plain_arguments_too_large_for_a_message_still_spill(tmp_path):
     with pool(max_workers=1) as ex:
         data = os.urandom(50_000)
