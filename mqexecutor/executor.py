@@ -1112,9 +1112,11 @@ def _handle_values(state: _PoolState, raw: bytes) -> int:
     of several tasks, unpickled together. Returns how many it held."""
     try:
         h = unpack_header(raw)
-        if h.kind != Kind.RESULT or h.token != state.token or h.status or state.authkey:
-            raise ProtocolError("RESULT VALUES must be an unsigned Status.OK result "
-                                "for this producer")
+        if (h.kind != Kind.RESULT or h.token != state.token or h.status or state.authkey
+                or state.journal is not None):
+            # a pool with an authkey or a journal never asks for RESULT VALUES
+            raise ProtocolError("RESULT VALUES must be a Status.OK result for this "
+                                "producer, which has no authkey and no journal")
         ids, pickled = split_values(memoryview(raw)[HEADER_SIZE:])
     except ProtocolError as exc:
         sys.stderr.write(f"mqexecutor: refused a message on the reply queue: {exc}\n")

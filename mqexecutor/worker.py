@@ -715,8 +715,8 @@ class _Worker:
         cfg = self.cfg
         mtype = cfg.worker_id + 1 if h.flags & F_TARGETED else 1
         results = self.outbox
-        # empty here: the results of the previous batch were sent at its end
-        results.values_ok = bool(h.flags & F_VALUES) and cfg.authkey is None
+        with results.lock:  # empty here: the previous batch's results went at its end
+            results.values_ok = bool(h.flags & F_VALUES) and cfg.authkey is None
         view = memoryview(raw)
         fast = cfg.authkey is None
         unpack = HEADER_STRUCT.unpack_from

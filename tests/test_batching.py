@@ -322,6 +322,23 @@ def test_result_values_that_cannot_be_read(tmp_path, capfd):
     assert "refused a message on the reply queue" in err and "task ids" in err
 
 
+@pytest.mark.timeout(60)
+def test_result_values_are_refused_by_a_pool_with_an_authkey(tmp_path, capfd):
+    """RESULT VALUES carry no HMAC: a pool with an authkey never asks for them
+    and refuses one (a forgery could complete its Futures); the real, signed
+    results complete them."""
+    gate = Gate(tmp_path)
+    with pool(max_workers=1, authkey=AUTHKEY) as ex:
+        f = ex.submit(gated_identity, gate.path, 4)
+        reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
+        reply.send(_result_values(ex._state.token, [f.task_id], pickle.dumps(["forged"], 5)),
+                   type=RESULT_MTYPE)
+        assert wait_until(lambda: "refused a message" in capfd.readouterr().err, 10)
+        assert not f.done()
+        gate.open()
+        assert f.result(timeout=30) == 4
+
+
 def test_values_body_round_trip_and_bounds():
     ids = [1, 2**64 - 1, 12345]
     body = values_body(ids, pickle.dumps([None, "x", 3], 5))
