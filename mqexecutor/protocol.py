@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import enum
 import struct
-import sys
 from types import ModuleType
 from typing import NamedTuple
 
@@ -285,19 +284,22 @@ def join_batch(messages: list[bytes]) -> bytes:
 
 
 _COUNT = struct.Struct("<I")
-_NATIVE_LITTLE = sys.byteorder == "little"
 
 
 def values_body(task_ids: list[int], pickled_values: bytes) -> bytes:
     """The body of a RESULT VALUES message: u32 count, count u64 task ids,
-    then one pickle of the list of their return values, in the same order."""
+    then one pickle of the list of their return values, in the same order
+    (little-endian; ``pickled_values`` is that pickle, protocol 5).
+
+    Raises:
+        struct.error: a task id is not in 0..2**64-1."""
     n = len(task_ids)
     return _COUNT.pack(n) + struct.pack(f"<{n}Q", *task_ids) + pickled_values
 
 
-def split_values(body: bytes | memoryview) -> tuple[memoryview, memoryview]:
-    """Inverse of :func:`values_body`: (task ids as a memoryview of unsigned
-    64-bit ints, the pickle of the values).
+def split_values(body: bytes | memoryview) -> tuple[tuple[int, ...], memoryview]:
+    """Inverse of :func:`values_body`: (the task ids, a view of the pickle of
+    the values).
 
     Raises:
         ProtocolError: the body is shorter than its count says.
@@ -310,10 +312,7 @@ def split_values(body: bytes | memoryview) -> tuple[memoryview, memoryview]:
     if len(view) <= end:
         raise ProtocolError(f"RESULT VALUES body of {len(view)} bytes cannot hold {n} "
                             "task ids and their values")
-    ids = view[_COUNT.size:end]
-    if _NATIVE_LITTLE:
-        return ids.cast("Q"), view[end:]
-    return memoryview(struct.pack(f"={n}Q", *struct.unpack(f"<{n}Q", ids))).cast("Q"), view[end:]
+    return struct.unpack_from(f"<{n}Q", view, _COUNT.size), view[end:]
 
 
 def flatten(raw: bytes) -> list[bytes]:
