@@ -262,18 +262,34 @@ def test_plain_values_and_other_outcomes_of_one_batch(tmp_path, monkeypatch, mod
     assert sum(n for n, _ in seen) == N + 1, seen
 
 
-def _serves_on_after_forged_results(ex, gate, mode) -> None:
-    """The real results, arriving after forged ones, are dropped and the pool
-    serves on; the forged outcomes count: in targeted mode worker 0 is free."""
+def _inject(ex, *messages: bytes) -> None:
+    """Put ``messages`` on ``ex``'s reply queue, as a worker would."""
+    reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
+    for message in messages:
+        reply.send(message, type=RESULT_MTYPE)
+
+
+def _forged_result(token: int, task_id: int, value, status: int = Status.OK) -> bytes:
+    """A forged RESULT message of ``value`` for ``task_id``."""
+    return build(Kind.RESULT, 0, status, task_id, token, 0, 1, 0, pickle.dumps(value, 5))
+
+
+def _serves_on_after_forged_results(ex, gate, mode, forged: int) -> None:
+    """The real results, arriving after ``forged`` forged ones, are dropped (a
+    task counts once) and the pool serves on; the forged outcomes count: in
+    targeted mode worker 0 is free."""
     gate.open()
     assert ex.submit(square, 6).result(timeout=30) == 36
+    assert ex.stats().completed == forged + 1
     if mode == Mode.TARGETED:
         assert ex._state.loads() == [0]
 
 
-def _result_values(token: int, ids: list[int], values: bytes, busy_us: int = 5) -> bytes:
+def _result_values(token: int, ids: list[int], values: bytes, busy_us: int = 5,
+                   body: bytes | None = None) -> bytes:
+    """A forged RESULT VALUES message (of ``body`` when given)."""
     return build(Kind.RESULT, F_VALUES, 0, busy_us, token, 0, os.getpid(), 0,
-                 values_body(ids, values))
+                 values_body(ids, values) if body is None else body)
 
 
 @pytest.mark.timeout(60)
@@ -286,13 +302,12 @@ def test_result_values_complete_the_futures_they_name(tmp_path, mode):
     with pool(max_workers=1, mode=mode) as ex:
         f, g = (ex.submit(gated_identity, gate.path, i) for i in range(2))
         assert wait_until(lambda: ex.stats().backlog == 0, 10)
-        reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
-        reply.send(_result_values(ex._state.token, [f.task_id, 10**9, g.task_id],
-                                  pickle.dumps(["f", None, 2.5], 5)), type=RESULT_MTYPE)
+        _inject(ex, _result_values(ex._state.token, [f.task_id, 10**9, g.task_id],
+                                   pickle.dumps(["f", None, 2.5], 5)))
         assert f.result(timeout=10) == "f"
         assert g.result(timeout=10) == 2.5
         assert ex.stats().completed == 2
-        _serves_on_after_forged_results(ex, gate, mode)
+        _serves_on_after_forged_results(ex, gate, mode, 2)
 
 
 @pytest.mark.timeout(60)
@@ -304,15 +319,11 @@ def test_result_values_that_cannot_be_read(tmp_path, capfd):
     with pool(max_workers=1) as ex:
         f, g, h = (ex.submit(gated_identity, gate.path, i) for i in range(3))
         token = ex._state.token
-        reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
-        cut = _result_values(token, [f.task_id, g.task_id], pickle.dumps([1, 2], 5))
-        cut = build(Kind.RESULT, F_VALUES, 0, 5, token, 0, os.getpid(), 0,
-                    cut[HEADER_SIZE:HEADER_SIZE + 4 + 8])  # count 2, one task id
-        reply.send(cut, type=RESULT_MTYPE)
-        reply.send(_result_values(token, [f.task_id], b"\x80\x05not a pickle"),
-                   type=RESULT_MTYPE)
-        reply.send(_result_values(token, [g.task_id, h.task_id], pickle.dumps([1], 5)),
-                   type=RESULT_MTYPE)
+        whole = values_body([f.task_id, g.task_id], pickle.dumps([1, 2], 5))
+        _inject(ex,
+                _result_values(token, [], b"", body=whole[:4 + 8]),  # count 2, one task id
+                _result_values(token, [f.task_id], b"\x80\x05not a pickle"),
+                _result_values(token, [g.task_id, h.task_id], pickle.dumps([1], 5)))
         for fut in (f, g, h):
             exc = fut.exception(timeout=10)
             assert isinstance(exc, mqexecutor.ResultUnpicklingError), exc
@@ -330,9 +341,7 @@ def test_result_values_are_refused_by_a_pool_with_an_authkey(tmp_path, capfd):
     gate = Gate(tmp_path)
     with pool(max_workers=1, authkey=AUTHKEY) as ex:
         f = ex.submit(gated_identity, gate.path, 4)
-        reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
-        reply.send(_result_values(ex._state.token, [f.task_id], pickle.dumps(["forged"], 5)),
-                   type=RESULT_MTYPE)
+        _inject(ex, _result_values(ex._state.token, [f.task_id], pickle.dumps(["forged"], 5)))
         assert wait_until(lambda: "refused a message" in capfd.readouterr().err, 10)
         assert not f.done()
         gate.open()
@@ -659,9 +668,11 @@ def test_queue_on_an_explicit_key_takes_all_it_can_hold(tmp_path):
 # --------------------------------------------------------------------------
 
 
-def _result_batch(token: int, entries: list[bytes], busy_us: int = 5) -> bytes:
+def _result_batch(token: int, entries: list[bytes], busy_us: int = 5,
+                  body: bytes | None = None) -> bytes:
+    """A forged RESULT BATCH message of ``entries`` (or of ``body`` when given)."""
     return build(Kind.RESULT, F_BATCH, 0, busy_us, token, 0, os.getpid(), 0,
-                 join_batch(entries))
+                 join_batch(entries) if body is None else body)
 
 
 @pytest.mark.timeout(60)
@@ -678,21 +689,17 @@ def test_result_batch_with_mixed_entries_completes_each_future(tmp_path, mode):
         token = ex._state.token
         err = ValueError("raised in a forged result")
         entries = [
-            build(Kind.RESULT, 0, Status.OK, f.task_id, token, 0, 1, 0,
-                  pickle.dumps("f", 5)),
-            build(Kind.RESULT, 0, Status.RAISED, g.task_id, token, 0, 1, 0,
-                  pickle.dumps((err, "Traceback: forged\n"), 5)),
-            build(Kind.RESULT, 0, Status.OK, 10**9, token, 0, 1, 0, pickle.dumps("x", 5)),
-            build(Kind.RESULT, 0, Status.OK, h.task_id, token, 0, 1, 0,
-                  pickle.dumps(["h"], 5)),
+            _forged_result(token, f.task_id, "f"),
+            _forged_result(token, g.task_id, (err, "Traceback: forged\n"), Status.RAISED),
+            _forged_result(token, 10**9, "x"),
+            _forged_result(token, h.task_id, ["h"]),
         ]
-        reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
-        reply.send(_result_batch(token, entries), type=RESULT_MTYPE)
+        _inject(ex, _result_batch(token, entries))
         assert f.result(timeout=10) == "f"
         assert isinstance(g.exception(timeout=10), ValueError)
         assert h.result(timeout=10) == ["h"]
         assert ex.stats().completed == 3
-        _serves_on_after_forged_results(ex, gate, mode)
+        _serves_on_after_forged_results(ex, gate, mode, 3)
 
 
 @pytest.mark.timeout(60)
@@ -701,14 +708,10 @@ def test_result_batch_with_an_entry_past_its_end_is_refused_from_there(tmp_path,
     with pool(max_workers=1) as ex:
         f, g = (ex.submit(gated_identity, gate.path, i) for i in range(2))
         token = ex._state.token
-        good = build(Kind.RESULT, 0, Status.OK, f.task_id, token, 0, 1, 0,
-                     pickle.dumps("f", 5))
-        bad = build(Kind.RESULT, 0, Status.OK, g.task_id, token, 0, 1, 0,
-                    pickle.dumps("g", 5))
-        body = join_batch([good, bad])[:-3]  # the last entry runs past the end
-        message = build(Kind.RESULT, F_BATCH, 0, 5, token, 0, os.getpid(), 0, body)
-        reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
-        reply.send(message, type=RESULT_MTYPE)
+        body = join_batch([_forged_result(token, f.task_id, "f"),
+                           _forged_result(token, g.task_id, "g")])
+        body = body[:-3]  # the last entry runs past the end
+        _inject(ex, _result_batch(token, [], body=body))
         assert f.result(timeout=10) == "f"
         time.sleep(0.2)
         assert not g.done(), "an entry cut short completed its Future"
@@ -728,17 +731,19 @@ def _gc_collect_until(predicate, tries: int = 20) -> bool:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("retries", [0, 1])
-def test_a_kept_future_does_not_keep_its_batch_alive(tmp_path, retries):
+def test_a_kept_future_does_not_keep_its_batch_alive(tmp_path, monkeypatch, retries):
     """A caller that keeps one Future of a batch keeps neither the other
     Futures sent with it nor (with retries=, which keeps the task message until
     the outcome) its message."""
+    seen = _count_results_per_message(monkeypatch)
     gate = Gate(tmp_path)
     with pool(max_workers=1, batch_size=50, retries=retries) as ex:
         blocker, futures = _backlog(ex, gate, square, n=200)
         gate.open()
         blocker.result(timeout=30)
         assert [f.result(timeout=30) for f in futures] == [i * i for i in range(200)]
-        kept = next(f for f in futures[100:] if f._attempts)  # sent in a batch
+        assert max(n for n, _ in seen) > 1, f"no batch was sent: {seen[:20]}"
+        kept = futures[100]  # in the backlog behind 100 others: sent in a batch
         refs = [weakref.ref(f) for f in futures if f is not kept]
         del futures, blocker
         assert _gc_collect_until(lambda: all(r() is None for r in refs)), \
@@ -758,9 +763,7 @@ def test_a_task_completed_while_in_the_backlog_is_not_sent(tmp_path):
         others = [ex.submit(gated_identity, gate.path, i) for i in range(4)]
         late = others[-1]
         assert late in ex._state.backlog, "the test needs the task in the backlog"
-        reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
-        reply.send(build(Kind.RESULT, 0, Status.OK, late.task_id, ex._state.token, 0, 1, 0,
-                         pickle.dumps("duplicate", 5)), type=RESULT_MTYPE)
+        _inject(ex, _forged_result(ex._state.token, late.task_id, "duplicate"))
         assert late.result(timeout=10) == "duplicate"
         gate.open()
         blocker.result(timeout=30)

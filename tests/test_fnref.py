@@ -20,7 +20,7 @@ import sys
 import cloudpickle
 import pytest
 
-from mqexecutor import TaskUnpicklingError, codec, ipcinfo
+from mqexecutor import TaskUnpicklingError, codec, ipcinfo, spill
 from mqexecutor import executor as executor_module
 from mqexecutor.protocol import F_FN_REF, Kind, parse, split_task_body
 
@@ -358,24 +358,41 @@ def test_dumps_plain_call_is_dumps_in_one_step_for_plain_arguments():
 
 
 @pytest.mark.timeout(60)
-def test_a_call_without_arguments_sends_the_payload_pickled_once():
+def test_a_call_without_arguments_sends_the_payload_pickled_once(monkeypatch):
     """submit(fn) with no arguments sends the bytes made once per function,
-    which are what dumps_plain_call would make every time; the workers run it."""
+    which are what dumps_plain_call would make every time: it pickles nothing
+    (both picklers are made to fail here); the workers run it."""
     ref = codec.function_reference(os.getpid)
     info = executor_module._fn_info(os.getpid)
     assert info.bare_call == codec.dumps_plain_call(ref, (), {}, 8000)
     assert pickle.loads(info.bare_call) == (ref, (), {})
+
+    def no_pickling(*_args, **_kwargs):
+        raise AssertionError("submit(fn) pickled its call again")
+
     with pool(max_workers=1) as ex:
-        pids = {ex.submit(os.getpid).result(timeout=30) for _ in range(3)}
+        with monkeypatch.context() as m:
+            m.setattr(codec, "dumps_plain_call", no_pickling)
+            m.setattr(codec, "dumps", no_pickling)
+            pids = {ex.submit(os.getpid).result(timeout=30) for _ in range(3)}
         assert len(pids) == 1 and pids != {os.getpid()}
         assert ex.submit(helpers.square, 5).result(timeout=30) == 25
 
 
 @pytest.mark.timeout(60)
-def test_plain_arguments_too_large_for_a_message_still_spill(tmp_path):
+def test_plain_arguments_too_large_for_a_message_still_spill(monkeypatch):
+    written = []
+    real_write = spill.write
+
+    def counting_write(*args, **kwargs):
+        written.append(args[0])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(spill, "write", counting_write)
     with pool(max_workers=1) as ex:
         data = os.urandom(50_000)
         assert ex.submit(helpers.length, data).result(timeout=30) == len(data)
+        assert len(written) == 1, "the call was not spilled"
         assert ex.submit(square, 12).result(timeout=30) == 144
 
 

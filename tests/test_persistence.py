@@ -1035,11 +1035,23 @@ def test_stats_reports_kernel_queue_backlog_running_completed_workers(lab, qh):
 
 
 FIRST_POOL = textwrap.dedent("""
-    import sys, time
-    from mqexecutor import MQExecutor
+    import os, sys, time
+    import sysv_ipc
+    from mqexecutor import MQExecutor, spill
+    reply_key, subdir = int(sys.argv[1]), sys.argv[2]
+
+    def reclaimed():
+        try:
+            sysv_ipc.MessageQueue(reply_key)
+            return False
+        except sysv_ipc.ExistentialError:
+            return not os.path.exists(os.path.join(spill.root_dir(0, create=False), subdir))
+
     with MQExecutor(max_workers=1) as ex:
         print("RESULT", ex.submit(abs, -3).result(timeout=30), flush=True)
-        time.sleep(float(sys.argv[1]))
+        end = time.monotonic() + 20  # the sweep runs shortly after start
+        while not reclaimed() and time.monotonic() < end:
+            time.sleep(0.01)
 """)
 
 
@@ -1047,8 +1059,7 @@ FIRST_POOL = textwrap.dedent("""
 def test_the_first_pool_of_a_process_reclaims_dead_producers_leftovers(tmp_path):
     """The leftovers of a producer killed without workers to clean after it (an
     attached one): its reply queue and spill directory. The first MQExecutor of
-    a fresh process reclaims them: its first worker does, shortly after start,
-    off the path to the first result."""
+    a fresh process reclaims them: its first worker does, shortly after start."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     token = random.getrandbits(63) | 1
@@ -1059,7 +1070,7 @@ def test_the_first_pool_of_a_process_reclaims_dead_producers_leftovers(tmp_path)
             key=0, mode=3, workers=0, wire=1, owner_pid=dead.pid, owner_token=token,
             reply_key=reply.key))
         assert queue_exists(reply.key) and subdir_exists(subdir)
-        proc = helpers.run_script(FIRST_POOL, tmp_path, "0.5",
+        proc = helpers.run_script(FIRST_POOL, tmp_path, str(reply.key), subdir,
                                   env={"PYTHONPATH": helpers.REPO})
         assert proc.returncode == 0 and "RESULT 3" in proc.stdout, proc.stdout + proc.stderr
         assert not queue_exists(reply.key), "the dead producer's reply queue is left"
