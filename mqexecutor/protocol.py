@@ -165,7 +165,7 @@ def pack_header(kind: int, flags: int, status: int, task_id: int, token: int,
                 reply: int, pid: int, worker: int, length: int) -> bytes:
     """Encode a header; returns ``HEADER_SIZE`` (40) bytes."""
     return HEADER_STRUCT.pack(MAGIC, WIRE_VERSION, kind, flags, status, task_id, token,
-                        reply, pid, worker, length)
+                              reply, pid, worker, length)
 
 
 _NAME_LEN = struct.Struct("<H")
@@ -283,7 +283,7 @@ def join_batch(messages: list[bytes]) -> bytes:
     return b"".join(_LEN.pack(len(m)) + m for m in messages)
 
 
-_COUNT = struct.Struct("<I")
+_COUNT = _LEN  # a RESULT VALUES body's count: a u32 as well
 
 
 def values_body(task_ids: list[int], pickled_values: bytes) -> bytes:

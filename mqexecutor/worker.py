@@ -720,6 +720,7 @@ class _Worker:
         view = memoryview(raw)
         fast = cfg.authkey is None
         unpack = HEADER_STRUCT.unpack_from
+        task_kind = int(Kind.TASK)  # an enum member's lookup costs 80 ns per task
         try:
             for i, (off, n) in enumerate(entries):
                 if _stop or (cfg.max_tasks and self.done >= cfg.max_tasks):
@@ -733,7 +734,7 @@ class _Worker:
                 if fast and n > HEADER_SIZE + 2:
                     (magic, version, kind, flags, _status, task_id, token, reply, pid,
                      _worker, length) = unpack(raw, off)
-                    if (magic == MAGIC and version == WIRE_VERSION and kind == Kind.TASK
+                    if (magic == MAGIC and version == WIRE_VERSION and kind == task_kind
                             and length == n - HEADER_SIZE and not flags & _NOT_PLAIN):
                         start = off + HEADER_SIZE + 2 + (raw[off + 40] | raw[off + 41] << 8)
                         if start <= off + n:
