@@ -306,7 +306,7 @@ def _unserialize(payload: bytes) -> Any:
 
 def _report(message: str) -> None:
     try:
-        from .worker import worker_id
+        from .worker.loop import worker_id
         sys.stderr.write(f"mqexecutor worker {worker_id()} (pid {os.getpid()}): "
                          f"{message}\n")
         sys.stderr.flush()

@@ -529,7 +529,7 @@ def test_full_reply_queue_of_a_producer_whose_pid_moved_on_is_given_up(monkeypat
     metadata, and a reply queue that stays full (nobody reads it): the pid went
     to another process. The worker gives the result up after FULL_PATIENCE
     seconds instead of retrying for ever, and takes the next task."""
-    from mqexecutor import worker as worker_module
+    from mqexecutor.worker import loop as worker_module
     from mqexecutor.protocol import Kind, build, task_body
 
     monkeypatch.setattr(worker_module._Replier, "FULL_PATIENCE", 0.5,  # forked workers see it

@@ -34,10 +34,10 @@ from typing import Any, NamedTuple
 
 import sysv_ipc
 
-from . import codec, deadletter, outbox, persistence, queues, spill
-from .codec import PLAIN_TYPES, PROTOCOL
-from .limits import msgmax
-from .protocol import (
+from .. import codec, deadletter, outbox, persistence, queues, spill
+from ..codec import PLAIN_TYPES, PROTOCOL
+from ..limits import msgmax
+from ..protocol import (
     F_BATCH,
     F_FN_REF,
     F_KEEP_SPILL,
@@ -61,7 +61,7 @@ from .protocol import (
     unpack_header,
     values_body,
 )
-from .scoreboard import Scoreboard
+from ..scoreboard import Scoreboard
 
 __all__ = ["worker_id", "current_task_id", "WorkerConfig", "run_worker", "EXIT_INIT_FAILED"]
 
@@ -607,7 +607,7 @@ class _Worker:
                                                        cfg.worker_id))
         self.swoole = None
         if cfg.swoole_handler:
-            from . import swoole
+            from .. import swoole
             self.swoole = swoole.load_handler(cfg.swoole_handler)
 
     def initialize(self) -> bool:
@@ -674,7 +674,7 @@ class _Worker:
 
     def handle(self, raw: bytes) -> None:
         if self.swoole is not None:
-            from . import swoole
+            from .. import swoole
             reason = swoole.handle_packet(raw, self.swoole)
             if reason is not None:
                 self.reject(raw, reason)
@@ -682,7 +682,7 @@ class _Worker:
                 self.done += 1
             return
         if raw[:1] == b"{":
-            from . import external
+            from .. import external
             reason = external.handle_json(raw, self.cfg.allow, self.replier.send_raw)
             if reason is not None:
                 self.reject(raw, reason)
