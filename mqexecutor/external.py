@@ -66,8 +66,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TypeGuard
 
-from .worker.loop import _report as _log
-from .worker.loop import worker_id
+from .context import report as _log
+from .context import worker_id
 
 __all__ = ["VERSION", "handle_json", "parse_task", "is_allowed", "resolve",
            "JSONTask", "TaskRefused"]

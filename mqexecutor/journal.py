@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 from . import spill
 
-__all__ = ["Journal", "default_spool"]
+__all__ = ["Journal", "NullJournal", "NULL_JOURNAL", "default_spool"]
 
 _NAME = re.compile(r"([0-9a-f]{16})-([0-9]+)\.task")
 
@@ -41,6 +41,9 @@ class Journal:
     Args:
         directory (str): created mode 0700 when missing.
     """
+
+    #: Tasks are recorded (the producer keeps their messages to send again).
+    durable = True
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -111,3 +114,29 @@ class Journal:
             return sum(1 for n in os.listdir(self.directory) if n.endswith(".task"))
         except OSError:
             return 0
+
+
+class NullJournal:
+    """The journal of a pool without ``durable=``: records nothing. Chosen once
+    at construction, so the producer calls the same methods either way."""
+
+    durable = False
+
+    def record(self, token: int, task_id: int, message: bytes) -> None:
+        """Nothing to record."""
+
+    def forget(self, token: int, task_id: int) -> None:
+        """Nothing to forget."""
+
+    def move(self, old: tuple[int, int], new: tuple[int, int], message: bytes) -> None:
+        """Nothing to move."""
+
+    def entries(self) -> Iterator[tuple[int, int, bytes]]:
+        """No records."""
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+NULL_JOURNAL = NullJournal()

@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 from . import spill
 
-__all__ = ["QueueMeta", "read_meta", "write_meta", "producer_metas", "pid_alive"]
+__all__ = ["QueueMeta", "read_meta", "write_meta", "producer_metas", "pid_alive",
+           "collect_garbage", "purge_queue", "remove_queue", "release_producer"]
 
 META = "meta.json"
 
@@ -281,3 +282,20 @@ def remove_queue(key: int) -> tuple[int, int]:
     sysv_ipc.MessageQueue(key, 0).remove()
     spill.remove_subdir(spill.key_subdir(key))
     return counts
+
+
+def release_producer(reply_key: int, subdir: str, task_key: int | None = None) -> None:
+    """Remove what only a producer that is gone would have removed: its reply
+    queue, its spill sub-directory and, for a private pool, its task queue
+    (``task_key``). Never raises. Used by the manager process when its owner
+    dies, and by a task worker when both the owner and the manager are gone."""
+    import sysv_ipc
+    for key in (task_key, reply_key):
+        if not key:
+            continue
+        try:
+            sysv_ipc.MessageQueue(key, 0).remove()
+        except sysv_ipc.Error:
+            pass
+    if subdir:
+        spill.remove_subdir(subdir)

@@ -41,7 +41,9 @@ __all__ = [
     "task_payload", "replace_route", "build", "parse", "AuthError", "TAG_SIZE", "split_batch",
     "join_batch", "flatten", "ok_result", "batch_entries",
     "F_SPILL", "F_TARGETED", "F_BATCH", "F_AUTH", "F_KEEP_SPILL", "F_FN_REF", "F_VALUES",
-    "values_body", "split_values",
+    "values_body", "split_values", "pack_task", "spill_reference", "reference_text",
+    "ENTRY_STRUCT", "entry_payload_start", "LEN_STRUCT", "death_body", "parse_death_body",
+    "DeathCause",
 ]
 
 MAGIC = b"MQ"
@@ -116,11 +118,41 @@ class Status(enum.IntEnum):
     #: The worker could not read the task (unpickling or spill file failed);
     #: the body pickles (exception, traceback text).
     BAD_TASK = 2
-    #: The worker died running the task; the body pickles the
-    #: TerminatedWorkerError to raise (sent by the pool owner).
+    #: The worker died running the task (sent by the pool's manager process);
+    #: the body is :func:`death_body`.
     WORKER_DIED = 3
     #: A worker's initializer raised; the body pickles (exception, traceback text).
     INIT_FAILED = 4
+
+
+class DeathCause(enum.IntEnum):
+    """Why the worker running a task died (in a WORKER_DIED notice)."""
+
+    #: It died by itself: a signal, ``os._exit``, the OOM killer.
+    DIED = 0
+
+
+#: The body of a WORKER_DIED notice: worker id i32, the dead worker's pid
+#: i32, its exit status i32 (negative: minus the signal number), the task id
+#: u64 (as its producer numbered it), the cause u8 (:class:`DeathCause`).
+_DEATH = struct.Struct("<iiiQB")
+
+
+def death_body(worker_id: int, pid: int, exitcode: int, task_id: int,
+               cause: int = 0) -> bytes:
+    """The body of a WORKER_DIED notice (see ``_DEATH``)."""
+    return _DEATH.pack(worker_id, pid, exitcode, task_id, cause)
+
+
+def parse_death_body(body: bytes | memoryview) -> tuple[int, int, int, int, int]:
+    """Inverse of :func:`death_body`: (worker_id, pid, exitcode, task_id, cause).
+
+    Raises:
+        ProtocolError: the body is not of that size.
+    """
+    if len(body) != _DEATH.size:
+        raise ProtocolError(f"WORKER_DIED body of {len(body)} bytes, not {_DEATH.size}")
+    return _DEATH.unpack(body)
 
 
 # Plain int copies of the flags for the hot paths (IntFlag arithmetic runs in
@@ -241,6 +273,19 @@ _new_header = tuple.__new__  # Header(...) without NamedTuple's Python-level __n
 
 
 _LEN = struct.Struct("<I")
+#: A u32, little-endian: the length in front of each entry of a batch body.
+LEN_STRUCT = _LEN
+#: One entry of a batch body read in place: its u32 length, then its header's
+#: fields (for loops that unpack each entry once, without a Header object).
+ENTRY_STRUCT = struct.Struct("<I" + HEADER_FORMAT[1:])
+
+
+def entry_payload_start(data: bytes | memoryview, offset: int) -> int:
+    """Where the payload of the TASK message at ``offset`` in ``data`` starts:
+    past its header and function name (:func:`task_body`). The caller checks
+    that it lies inside the message."""
+    return offset + HEADER_SIZE + 2 + (data[offset + HEADER_SIZE] |
+                                       data[offset + HEADER_SIZE + 1] << 8)
 
 
 def batch_entries(data: bytes | memoryview, start: int = 0) -> list[tuple[int, int]]:
@@ -365,8 +410,48 @@ def build(kind: int, flags: int, status: int, task_id: int, token: int, reply: i
 def ok_result(task_id: int, token: int, pid: int, worker: int, body: bytes) -> bytes:
     """``build(Kind.RESULT, 0, Status.OK, task_id, token, 0, pid, worker, body)``
     without HMAC, made in one step (a worker's most common message)."""
-    return HEADER_STRUCT.pack(MAGIC, WIRE_VERSION, Kind.RESULT, Status.OK, 0, task_id, token,
+    return HEADER_STRUCT.pack(MAGIC, WIRE_VERSION, _RESULT, 0, _OK, task_id, token,
                               0, pid, worker, len(body)) + body
+
+
+_TASK = int(Kind.TASK)
+_RESULT = int(Kind.RESULT)
+_OK = int(Status.OK)
+
+
+def pack_task(flags: int, task_id: int, token: int, reply: int, pid: int, worker: int,
+              body: bytes, authkey: bytes | None = None) -> bytes:
+    """A whole TASK message: ``build(Kind.TASK, flags, 0, ...)``, made in one
+    step when there is no ``authkey`` (every submit() makes one).
+
+    Args:
+        body (bytes): the task body, :func:`task_body` (function name, payload).
+        worker (int): the target worker id, -1 for any.
+    """
+    if authkey is None:
+        return HEADER_STRUCT.pack(MAGIC, WIRE_VERSION, _TASK, flags, 0, task_id, token,
+                                  reply, pid, worker, len(body)) + body
+    return build(Kind.TASK, flags, 0, task_id, token, reply, pid, worker, body, authkey)
+
+
+def reference_text(payload: bytes | memoryview) -> str:
+    """A spill reference carried as a message's payload, as text (undecodable
+    bytes replaced: such a reference is refused by :mod:`mqexecutor.spill`)."""
+    return bytes(payload).decode("ascii", "replace")
+
+
+def spill_reference(message: bytes | memoryview) -> str | None:
+    """The spill file named by a whole TASK or RESULT message with F_SPILL
+    (its HMAC unchecked); None when the message names none or is malformed."""
+    try:
+        h, body = parse(bytes(message))
+        if not h.flags & F_SPILL:
+            return None
+        if h.kind == Kind.TASK:
+            body = task_payload(body)
+    except ProtocolError:
+        return None
+    return reference_text(body)
 
 
 def parse(raw: bytes, authkey: bytes | None = None) -> tuple[Header, memoryview]:

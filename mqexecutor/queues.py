@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable
 
 import sysv_ipc
 
 from .limits import msgmax
 
 __all__ = ["ftok", "open_queue", "create_private", "remove_quietly", "parse_key",
-           "spin_receive", "SPIN_SECONDS", "random_key"]
+           "spin_receive", "SPIN_SECONDS", "random_key", "send_patiently"]
 
 #: Seconds a thread polls for what it waits for before it blocks (task workers,
 #: the collector, MQFuture.result): waking from a blocking msgrcv or a lock
@@ -144,3 +145,57 @@ def spin_receive(queue: sysv_ipc.MessageQueue, mtype: int = 0,
             os.sched_yield()
         except (sysv_ipc.Error, OSError):
             return None
+
+
+#: The one waiting policy of every "send, and try again while the queue is
+#: full" in mqexecutor: the first pause (seconds), doubled after each try up to
+#: the longest; ``still_wanted`` is asked at most once per check interval.
+FIRST_PAUSE = 0.0001
+LONGEST_PAUSE = 0.02
+CHECK_INTERVAL = 0.2
+
+
+def send_patiently(queue: sysv_ipc.MessageQueue, message: bytes, mtype: int, *,
+                   patience: float | None = 2.0,
+                   still_wanted: Callable[[], bool] | None = None) -> bool:
+    """Send ``message`` with type ``mtype`` without ever blocking in the kernel:
+    msgsnd with IPC_NOWAIT, tried again while the queue is full (or the call
+    was interrupted), pausing ``FIRST_PAUSE`` seconds and doubling up to
+    ``LONGEST_PAUSE``.
+
+    Args:
+        patience (float | None): seconds after which a queue that stays full
+            is given up; None: no limit (then ``still_wanted`` decides).
+        still_wanted (callable | None): asked every ``CHECK_INTERVAL`` seconds
+            of a full queue; returning False gives up (e.g. the reader died).
+
+    Returns:
+        True when sent, False when given up.
+
+    Raises:
+        sysv_ipc.ExistentialError: the queue was removed.
+        sysv_ipc.PermissionsError, OSError (e.g. EINVAL for a queue whose id
+            was freed), ValueError (a message larger than the queue object's
+            ``max_message_size``): as ``MessageQueue.send``.
+    """
+    pause = FIRST_PAUSE
+    start = time.monotonic()
+    checked = start
+    while True:
+        try:
+            queue.send(message, block=False, type=mtype)
+            return True
+        except sysv_ipc.BusyError:
+            pass
+        except sysv_ipc.Error as exc:
+            if type(exc) is not sysv_ipc.Error:  # EINTR is the bare class
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, LONGEST_PAUSE)
+        now = time.monotonic()
+        if patience is not None and now - start > patience:
+            return False
+        if still_wanted is not None and now - checked >= CHECK_INTERVAL:
+            checked = now
+            if not still_wanted():
+                return False

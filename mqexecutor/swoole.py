@@ -55,11 +55,12 @@ import os
 import re
 import stat
 import struct
-import sys
 import tempfile
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+from .context import report
 
 __all__ = ["load_handler", "handle_packet", "parse_packet", "pack_packet", "read_tmpfile",
            "tmpfile_dirs", "SwoolePacket", "PacketRefused", "HEADER", "SW_EVENT_TASK",
@@ -304,16 +305,6 @@ def _unserialize(payload: bytes) -> Any:
                             f"serialize() output: {type(exc).__name__}: {exc}") from None
 
 
-def _report(message: str) -> None:
-    try:
-        from .worker.loop import worker_id
-        sys.stderr.write(f"mqexecutor worker {worker_id()} (pid {os.getpid()}): "
-                         f"{message}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError, ImportError):
-        pass
-
-
 def handle_packet(raw: bytes, handler: Callable[..., Any]) -> str | None:
     """Hand one Swoole task packet to ``handler``, as Swoole calls onTask.
 
@@ -363,7 +354,7 @@ def handle_packet(raw: bytes, handler: Callable[..., Any]) -> str | None:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         except BaseException:  # noqa: BLE001
             text = type(exc).__name__
-        _report(f"Swoole handler raised on task {packet.task_id}:\n{text.rstrip()}")
+        report(f"Swoole handler raised on task {packet.task_id}:\n{text.rstrip()}")
     return None
 
 
