@@ -1,5 +1,13 @@
-"""The task worker: a process that receives task messages and runs them."""
-from .loop import EXIT_INIT_FAILED, STOP_SIGNAL, WorkerConfig, current_task_id, run_worker, worker_id
+"""The task worker: a process, forked by the manager process, that receives
+task messages from the task queue and runs them.
 
-__all__ = ["worker_id", "current_task_id", "WorkerConfig", "run_worker", "EXIT_INIT_FAILED",
-           "STOP_SIGNAL"]
+* :mod:`.process`: process set-up (signals, faulthandler, the manager watch),
+  :func:`run_worker`;
+* :mod:`.loop`: the receive loop, one handler per message kind, running a task;
+* :mod:`.batcher`: the results of a BATCH's tasks, sent together;
+* :mod:`.replies`: sending to producers' reply queues, encoding outcomes.
+"""
+from .loop import EXIT_INIT_FAILED
+from .process import STOP_SIGNAL, run_worker
+
+__all__ = ["run_worker", "STOP_SIGNAL", "EXIT_INIT_FAILED"]
