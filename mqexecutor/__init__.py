@@ -28,36 +28,64 @@ drained by the collector, so a full task queue cannot deadlock the pool.
 """
 from __future__ import annotations
 
-from .errors import (
-                     BrokenMQPool,
-                     BrokenProcessPool,
-                     QueueModeError,
-                     RemoteTraceback,
-                     ResultUnpicklingError,
-                     TaskUnpicklingError,
-                     TerminatedWorkerError,
-)
-from .executor import (
-                     CapacityWarning,
-                     MQExecutor,
-                     MQFuture,
-                     Mode,
-                     PoolStats,
-                     StrandedTask,
-                     TaskOptions,
-)
-from .limits import msgmax, msgmnb
-from .persistence import remove_queue
-from .progress import progress, progress_map
-from .queues import ftok
-from .worker import current_task_id, worker_id
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+#: Public names, and the module each comes from. They are imported on first
+#: use (PEP 562), so that a manager process, which imports only
+#: ``mqexecutor.manager``, starts without the producer's modules.
+_EXPORTS = {
+    "MQExecutor": "executor", "MQFuture": "future", "Mode": "mode", "PoolStats": "executor",
+    "StrandedTask": "producer.adoption", "TaskOptions": "executor",
+    "CapacityWarning": "options", "ftok": "queues", "worker_id": "context",
+    "current_task_id": "context", "remove_queue": "persistence", "msgmax": "limits",
+    "msgmnb": "limits", "progress": "progress", "progress_map": "progress",
+    "BrokenMQPool": "errors", "BrokenProcessPool": "errors",
+    "TerminatedWorkerError": "errors", "TaskUnpicklingError": "errors",
+    "ResultUnpicklingError": "errors", "QueueModeError": "errors",
+    "RemoteTraceback": "errors",
+}
+
 __all__ = [
-    "MQExecutor", "MQFuture", "Mode", "ftok", "worker_id", "current_task_id",
-    "PoolStats", "StrandedTask", "TaskOptions", "CapacityWarning", "remove_queue",
-    "BrokenMQPool", "BrokenProcessPool", "TerminatedWorkerError", "TaskUnpicklingError",
-    "ResultUnpicklingError", "QueueModeError", "RemoteTraceback", "msgmax", "msgmnb",
-    "progress", "progress_map", "__version__",
+    "MQExecutor", "MQFuture", "Mode", "PoolStats", "StrandedTask", "TaskOptions",
+    "CapacityWarning", "ftok", "worker_id", "current_task_id", "remove_queue", "msgmax",
+    "msgmnb", "progress", "progress_map", "BrokenMQPool", "BrokenProcessPool",
+    "TerminatedWorkerError", "TaskUnpicklingError", "ResultUnpicklingError",
+    "QueueModeError", "RemoteTraceback", "__version__",
 ]
+
+if TYPE_CHECKING:
+    from .context import current_task_id, worker_id
+    from .errors import (
+        BrokenMQPool,
+        BrokenProcessPool,
+        QueueModeError,
+        RemoteTraceback,
+        ResultUnpicklingError,
+        TaskUnpicklingError,
+        TerminatedWorkerError,
+    )
+    from .executor import MQExecutor, PoolStats, TaskOptions
+    from .future import MQFuture
+    from .limits import msgmax, msgmnb
+    from .mode import Mode
+    from .options import CapacityWarning
+    from .persistence import remove_queue
+    from .producer.adoption import StrandedTask
+    from .progress import progress, progress_map
+    from .queues import ftok
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mqexecutor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

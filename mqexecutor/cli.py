@@ -19,8 +19,9 @@ from collections.abc import Sequence
 import sysv_ipc
 
 from . import deadletter, ipcinfo, persistence, spill
-from .executor import MQExecutor, Mode
+from .executor import MQExecutor
 from .limits import msgmax
+from .mode import Mode
 from .protocol import Flag, Kind, ProtocolError, flatten, parse, split_task_body
 from .queues import parse_key
 
@@ -234,7 +235,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``mqexecutor serve KEY``: run a pool in the foreground until SIGINT/SIGTERM; running tasks
-    finish, queued ones stay. Returns 0, or non-zero when the pool broke."""
+    finish, queued ones stay. Returns 0, or non-zero when the pool broke.
+
+    The pool is an MQExecutor on KEY, made before this process starts any
+    thread: its manager process is forked from here (see
+    :mod:`mqexecutor.manager.launch`), the same manager as every pool's."""
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -272,15 +277,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for fut in ex.recovered():
         fut.add_done_callback(report)
     while not stop.wait(0.5):
-        if ex._state.broken is not None:
-            print(f"mqexecutor: error: the pool broke: {ex._state.broken}", file=sys.stderr,
+        if ex.broken is not None:
+            print(f"mqexecutor: error: the pool broke: {ex.broken}", file=sys.stderr,
                   flush=True)
             ex.shutdown(wait=False)
             return EXIT_NO_QUEUE if not ipcinfo.queue_info(args.key) else 1
     print("mqexecutor: stopping: running tasks finish, queued tasks stay in the queue",
           flush=True)
-    ex.shutdown(wait=False)
-    ex._executor_manager_thread.join()
+    ex.shutdown(wait=True, keep_queued=True)
     left = ipcinfo.queue_info(args.key)
     print(f"mqexecutor: stopped; {left.qnum if left else 0} task(s) left in the queue",
           flush=True)

@@ -19,9 +19,11 @@ import types
 from typing import Any
 
 from . import spill
+from .protocol import task_body
 
 __all__ = ["dumps", "dumps_plain_call", "loads", "PROTOCOL", "PLAIN_TYPES",
-           "function_reference", "load_function", "holder", "dumps_by_value"]
+           "function_reference", "load_function", "holder", "dumps_by_value", "FnInfo",
+           "fn_info", "fn_name"]
 
 PROTOCOL = 5
 
@@ -154,6 +156,68 @@ def function_reference(fn: Any) -> str | None:
     except Exception:  # noqa: BLE001 - travels by value (cloudpickle)
         return None
     return None if _MAIN in data else f"{module}:{qualname}"
+
+
+def fn_name(fn: Any) -> str:
+    """The name a task of ``fn`` carries (its message, ``MQFuture.fn_name``):
+    ``module.qualname``, ``partial(...)``, or the callable's type name."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if name is None:
+        inner = getattr(fn, "func", None)
+        if inner is not None:
+            return f"partial({fn_name(inner)})"
+        return type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module and module != "builtins" else name
+
+
+class FnInfo:
+    """What submit() needs to know of a function, made once (:func:`fn_info`).
+
+    Attributes:
+        name (str): :func:`fn_name`.
+        reference (str | None): ``"module:qualname"`` when the function may
+            travel as a reference; valid while ``getattr(owner, attr) is fn``.
+        bare_call (bytes): the payload of a call without arguments, by
+            reference: the same bytes every time, pickled once (b"" if none).
+    """
+
+    __slots__ = ("name", "prefix", "reference", "owner", "attr", "bare_call")
+
+    def __init__(self, fn: Any):
+        self.name = fn_name(fn)
+        #: The start of a task body: the function's name (protocol.task_body).
+        self.prefix = task_body(self.name, b"")
+        self.reference = function_reference(fn)
+        self.owner: Any = None
+        self.attr = ""
+        self.bare_call = b""
+        if self.reference is not None:
+            try:
+                self.owner, self.attr = holder(self.reference)
+                self.bare_call = pickle.dumps((self.reference, (), {}), PROTOCOL)
+            except (KeyError, AttributeError):
+                self.reference = None
+
+
+_INFOS: dict[Any, FnInfo] = {}
+
+
+def fn_info(fn: Any) -> FnInfo:
+    """The :class:`FnInfo` of ``fn``. Kept (at most 1024) only for functions
+    that travel as a reference, which their module keeps alive anyway: a
+    cache must not keep alive a callable's objects (a bound method's
+    instance, a closure's cells) once its tasks are done (CPython bpo-16284)."""
+    try:
+        return _INFOS[fn]
+    except (KeyError, TypeError):
+        pass
+    info = FnInfo(fn)
+    if info.reference is not None:
+        if len(_INFOS) > 1024:
+            _INFOS.clear()
+        _INFOS[fn] = info
+    return info
 
 
 _FUNCTIONS: dict[str, tuple[Any, str, Any]] = {}  # reference -> (owner, name, fn)

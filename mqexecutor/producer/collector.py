@@ -1,0 +1,392 @@
+"""The collector thread: drains the pool's reply queue and completes Futures.
+
+It blocks in msgrcv on the producer's private reply queue, takes up to 256
+more messages without blocking, completes their Futures (a result, a RESULT
+BATCH read in place, a RESULT VALUES unpickled once for all), handles the
+notices of worker deaths (retries, or TerminatedWorkerError), and refills the
+task queue from the backlog: a result leaving means room in the queue. It ends
+on the "stop" control message the monitor sends at teardown, behind every
+result already sent.
+"""
+from __future__ import annotations
+
+import errno
+import pickle
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import sysv_ipc
+
+from .. import codec, queues, spill
+from ..errors import ResultUnpicklingError, TerminatedWorkerError
+from ..future import MQFuture, fail, finish_values, set_outcome
+from ..manager.process import describe_exit
+from ..protocol import (
+    CONTROL_MTYPE,
+    ENTRY_STRUCT,
+    F_BATCH,
+    F_SPILL,
+    F_VALUES,
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    MAGIC,
+    WIRE_VERSION,
+    Kind,
+    ProtocolError,
+    Status,
+    parse,
+    parse_death_body,
+    reference_text,
+    split_batch,
+    split_values,
+    unpack_header,
+)
+from .pool import PoolState
+
+__all__ = ["Collector", "REPLY_QUEUE_GONE"]
+
+REPLY_QUEUE_GONE = ("the reply queue was removed from the kernel (ipcrm?) while the pool "
+                    "was running: the outcomes of its tasks cannot come back")
+
+_PLAIN_RESULT = (MAGIC, WIRE_VERSION, int(Kind.RESULT))
+
+
+class Collector(threading.Thread):
+    """The thread ``mqexecutor-collector`` of one pool.
+
+    Args:
+        state (PoolState): the pool (the collector holds no executor).
+
+    Attributes:
+        observe (callable | None): a debugging and test seam: when set,
+            called as ``observe(results, raw)`` after each reply message is
+            handled (``results``: how many outcomes it carried).
+    """
+
+    def __init__(self, state: PoolState):
+        super().__init__(name="mqexecutor-collector", daemon=True)
+        self.state = state
+        self.dispatch = state.dispatch
+        self.queue = state.res.reply_queue
+        self.token = state.res.token
+        self.authkey = state.dispatch.authkey
+        self.journal = state.res.journal
+        #: No authkey, no journal: results may be read in place, and plain
+        #: return values come back as RESULT VALUES.
+        self.plain = self.authkey is None and not self.journal.durable
+        self.observe: Callable[[int, bytes], None] | None = None
+
+    def run(self) -> None:
+        """Drain the reply queue for good: complete Futures, refill the task queue."""
+        queue = self.queue
+        state = self.state
+        dispatch = self.dispatch
+        spin = False
+        while True:
+            got = queues.spin_receive(queue) if spin else None
+            try:
+                raw, mtype = got or queue.receive()
+            except sysv_ipc.ExistentialError:
+                # Removed at shutdown, after this thread was joined; else by hand.
+                if not state.res.closed:
+                    state.break_pool(REPLY_QUEUE_GONE)
+                return
+            except sysv_ipc.Error:
+                continue  # EINTR
+            except OSError as exc:
+                if exc.errno == errno.E2BIG:  # not ours: our messages fit msgmax
+                    try:
+                        queue.receive(block=False)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    continue
+                raise
+            if mtype == CONTROL_MTYPE:
+                return  # sent by the monitor after the last worker exited
+            handled = 0
+            for more in range(255, -1, -1):
+                try:
+                    n = self.handle_message(raw)
+                    handled += n
+                    if self.observe is not None:
+                        self.observe(n, raw)
+                except BaseException:  # noqa: BLE001 - the collector must not die
+                    traceback.print_exc()
+                if not more:
+                    break
+                try:  # drain what else is waiting before refilling the task queue
+                    raw, mtype = queue.receive(block=False)
+                except (sysv_ipc.Error, OSError):
+                    break
+                if mtype == CONTROL_MTYPE:
+                    return
+            dispatch.note_results(handled)
+            if dispatch.backlog:
+                dispatch.feed()
+            if state.flags.shutdown_requested and not dispatch.pending:
+                state.res.wake()  # the monitor waits for the last outcome to tear down
+            # A few tasks out and none waiting here: the next result is likely
+            # close, and polling for it beats being woken (about 30 us here).
+            spin = not dispatch.backlog and 0 < len(dispatch.pending) <= dispatch.max_workers
+
+    # -- one message -------------------------------------------------------------
+    def handle_message(self, raw: bytes) -> int:
+        """Handle one message of the reply queue: a result, a RESULT BATCH or a
+        RESULT VALUES. Returns how many results it carried."""
+        if len(raw) >= HEADER_SIZE and raw[:2] == MAGIC:
+            if raw[4] & F_VALUES:
+                return self.handle_values(raw)
+            if raw[4] & F_BATCH:
+                return self.handle_batch(raw)
+        self.handle_result(raw)
+        return 1
+
+    def handle_batch(self, raw: bytes) -> int:
+        """A RESULT BATCH: the results of one BATCH's tasks."""
+        try:
+            h = unpack_header(raw)
+            if h.kind != Kind.RESULT or h.token != self.token:
+                return 0
+            if self.plain:
+                n = self.handle_plain_batch(raw)
+            else:
+                inner = split_batch(memoryview(raw)[HEADER_SIZE:])
+                for message in inner:  # each checked on its own (HMAC included)
+                    self.handle_result(message)
+                n = len(inner)
+        except ProtocolError as exc:
+            _refused(exc)
+            return 0
+        if h.task_id:  # microseconds the worker spent running these tasks
+            self.dispatch.note_busy(n, h.task_id / 1e6)
+        return n
+
+    def handle_plain_batch(self, raw: bytes) -> int:
+        """The results of a RESULT BATCH, read in place (no copy per entry): a
+        plain return value completes its Future here; any other entry (exception,
+        spill file, stale, odd) goes through :meth:`handle_result`. Only without
+        authkey and journal. Returns how many entries it held.
+
+        Raises:
+            ProtocolError: an entry runs past the end of the message (the entries
+                before it are handled).
+        """
+        view = memoryview(raw)
+        end = len(raw)
+        off = HEADER_SIZE
+        token = self.token
+        dispatch = self.dispatch
+        pending = dispatch.pending
+        count = done = 0
+        try:
+            while off < end:
+                if off + ENTRY_STRUCT.size > end:
+                    raise ProtocolError("batch entry shorter than a header")
+                (n, magic, version, kind, flags, status, task_id, tok, _reply, _pid, _worker,
+                 length) = ENTRY_STRUCT.unpack_from(raw, off)
+                start = off + 4
+                off = start + n
+                if n < HEADER_SIZE or off > end:
+                    raise ProtocolError(f"batch entry of {n} bytes does not fit the batch body")
+                count += 1
+                item = pending.get(task_id)
+                if (item is None or flags or status or tok != token or length != n - HEADER_SIZE
+                        or (magic, version, kind) != _PLAIN_RESULT
+                        or item._keep and item._spill_ref or dispatch.take(task_id) is None):
+                    self.handle_result(bytes(view[start:off]))
+                    continue
+                done += 1
+                self.set_value(item, view[start + HEADER_SIZE:off])
+        finally:
+            dispatch.completed += done
+        return count
+
+    def handle_values(self, raw: bytes) -> int:
+        """Complete the Futures of a RESULT VALUES message: plain return values
+        of several tasks, unpickled together. Returns how many it held."""
+        try:
+            h = unpack_header(raw)
+            if h.kind != Kind.RESULT or h.token != self.token or h.status or not self.plain:
+                # a pool with an authkey or a journal never asks for RESULT VALUES
+                raise ProtocolError("RESULT VALUES must be a Status.OK result for this "
+                                    "producer, which has no authkey and no journal")
+            ids, pickled = split_values(memoryview(raw)[HEADER_SIZE:])
+        except ProtocolError as exc:
+            _refused(exc)
+            return 0
+        dispatch = self.dispatch
+        try:
+            values = pickle.loads(pickled)
+            if type(values) is not list or len(values) != len(ids):
+                raise ProtocolError(f"{len(ids)} task ids but not as many values")
+        except BaseException as exc:  # noqa: BLE001 - fails those tasks, as set_value
+            for task_id in ids:
+                fut = dispatch.take(task_id)
+                if fut is not None:
+                    self.unpickling_failed(fut, exc)
+            return len(ids)
+        futures = []
+        kept = []
+        take = dispatch.take
+        for task_id, value in zip(ids, values):
+            fut = take(task_id)
+            if fut is not None:  # else not ours anymore (cancelled at shutdown, a duplicate)
+                futures.append(fut)
+                kept.append(value)
+        dispatch.completed += len(futures)
+        finish_values(futures, kept)
+        if h.task_id:  # microseconds the worker spent running these tasks
+            dispatch.note_busy(len(ids), h.task_id / 1e6)
+        return len(ids)
+
+    def set_value(self, fut: MQFuture, data: memoryview) -> None:
+        """Complete ``fut`` (taken from pending) with the return value pickled in ``data``."""
+        try:
+            value = pickle.loads(data)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
+            self.unpickling_failed(fut, exc)
+            return
+        set_outcome(fut, Status.OK, value, -1)
+
+    def handle_result(self, raw: bytes) -> None:
+        """One RESULT message (also an entry of a RESULT BATCH)."""
+        dispatch = self.dispatch
+        # Fast path: a task's return value, inline, without HMAC (most results).
+        # Anything else, or anything odd, takes the checked path below.
+        if self.plain and len(raw) >= HEADER_SIZE:
+            (magic, version, kind, flags, status, task_id, token, _reply, _pid, _worker,
+             length) = HEADER_STRUCT.unpack_from(raw)
+            if ((magic, version, kind) == _PLAIN_RESULT and not flags and not status
+                    and token == self.token and length == len(raw) - HEADER_SIZE):
+                item = dispatch.pending.get(task_id)
+                if item is None:
+                    return  # not ours anymore (e.g. cancelled at shutdown)
+                if not (item._keep and item._spill_ref):
+                    if dispatch.take(task_id) is None:
+                        return
+                    dispatch.completed += 1
+                    self.set_value(item, memoryview(raw)[HEADER_SIZE:])
+                    return
+        try:
+            h, body = parse(raw, self.authkey)
+        except ProtocolError as exc:
+            _refused(exc)
+            return
+        spilled = bool(h.flags & F_SPILL)
+        if h.kind != Kind.RESULT or h.token != self.token:
+            if spilled and h.token == self.token:
+                spill.discard(reference_text(body))
+            return
+        if h.status == Status.INIT_FAILED:
+            try:
+                init_exc, tb = codec.loads(body, spilled)
+                what = f"{type(init_exc).__name__}: {init_exc}"
+            except BaseException as load_err:  # noqa: BLE001
+                what = f"an exception that could not be unpickled ({load_err!r})"
+                tb = ""
+            self.state.break_pool(f"the initializer of task worker {h.worker} raised {what}; "
+                                  f"the pool is not usable anymore\n{tb}")
+            return
+        if h.status == Status.WORKER_DIED:
+            self.worker_died(h.task_id, body)
+            return
+        fut = dispatch.take(h.task_id)
+        if fut is None:
+            if spilled:
+                spill.discard(reference_text(body))
+            return
+        if fut._keep and fut._spill_ref:
+            spill.discard(fut._spill_ref)  # normally gone already: the worker unlinks it
+        dispatch.completed += 1
+        try:
+            value = codec.loads(body, spilled)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
+            self.unpickling_failed(fut, exc)
+            return
+        set_outcome(fut, h.status, value, h.worker)
+        self.journal.forget(self.token, h.task_id)  # delivered: forget it
+
+    def unpickling_failed(self, fut: MQFuture, exc: BaseException) -> None:
+        err = ResultUnpicklingError(
+            f"the result of task {fut.task_id} ({fut.fn_name}) could not be unpickled: "
+            f"{type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        fail(fut, err)
+        self.journal.forget(self.token, fut.task_id)
+
+    # -- worker deaths -------------------------------------------------------------------
+    def worker_died(self, task_id: int, body: Any) -> None:
+        """The worker running ``task_id`` died (a WORKER_DIED notice whose
+        ``body`` is :func:`~mqexecutor.protocol.death_body`): send again the
+        tasks of its batch that never started, run the task again if it has
+        retries left, else fail it."""
+        dispatch = self.dispatch
+        try:
+            wid, pid, exitcode, _task, _cause = parse_death_body(body)
+            err = TerminatedWorkerError(
+                f"task worker {wid} (pid {pid}) died with {describe_exit(exitcode)} "
+                f"while running task {task_id}", worker_id=wid, pid=pid, exitcode=exitcode,
+                task_id=task_id)
+        except ProtocolError as exc:
+            err = TerminatedWorkerError(f"the task worker running task {task_id} died "
+                                        f"({exc})", task_id=task_id)
+        with dispatch.lock:
+            again: list[MQFuture] = []
+            lost: list[MQFuture] = []
+            pending = dispatch.pending
+            dead = pending.get(task_id)
+            batch = dead._batch if dead is not None else None
+            if batch is not None:
+                ids = [it.task_id for it in batch]
+                at = ids.index(task_id) if task_id in ids else len(batch)
+                again = [it for it in batch[at + 1:] if it.task_id in pending
+                         and not it.done() and it._message]
+                # Tasks before it in the batch ran, but their results were still in
+                # the worker's outbox: run them again if they have retries left.
+                for it in batch[:at]:
+                    if it.task_id not in pending or it.done():
+                        continue
+                    if it._retries > 0 and it._message:
+                        it._retries -= 1
+                        again.append(it)
+                    else:
+                        lost.append(dispatch.take(it.task_id) or it)
+            item = pending.get(task_id)
+            if item is not None and not item.done() and item._retries > 0 and item._message:
+                item._retries -= 1  # run it again (retries=)
+                again.insert(0, item)
+                item = None
+            elif item is not None:
+                item = dispatch.take(task_id)
+            for it in reversed(again):
+                it._batch = None
+                dispatch.backlog.appendleft(it)
+        if again:
+            dispatch.feed()
+            self.state.res.wake()
+        for it in lost:
+            self.fail_item(it, TerminatedWorkerError(
+                f"task {it.task_id} ran, but its result was lost: {err.args[0]}",
+                worker_id=err.worker_id, pid=err.pid, exitcode=err.exitcode,
+                task_id=it.task_id))
+        if item is None or item.done():
+            return
+        self.fail_item(item, err)
+
+    def fail_item(self, fut: MQFuture, err: BaseException) -> None:
+        """Fail the Future of a task whose worker died (taken from pending)."""
+        if isinstance(err, TerminatedWorkerError):
+            err.fn_name = fut.fn_name
+            tries = f" (attempt {fut._attempts})" if fut._attempts > 1 else ""
+            err.args = (f"{err.args[0]} ({fut.fn_name}){tries}",)
+        if fut._spill_ref and fut._keep:
+            spill.discard(fut._spill_ref)
+        self.journal.forget(self.token, fut.task_id)
+        fail(fut, err)
+
+
+def _refused(exc: Exception) -> None:
+    sys.stderr.write(f"mqexecutor: refused a message on the reply queue: {exc}\n")
