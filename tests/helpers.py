@@ -52,9 +52,8 @@ def shutdown_or_fail(ex: MQExecutor, timeout: float = SHUTDOWN_TIMEOUT, *,
     t.start()
     t.join(timeout)
     if t.is_alive():
-        state = getattr(ex, "_state", None)
-        pending = len(getattr(state, "pending", {}) or {})
-        backlog = len(getattr(state, "backlog", ()) or ())
+        stats = ex.stats()
+        pending, backlog = stats.running + stats.backlog, stats.backlog
         # Unstick it so later tests start from a clean machine.
         with contextlib.suppress(BaseException):
             ex.kill_workers()
@@ -143,13 +142,13 @@ def remove_test_key(key: int) -> None:
 
 
 def reply_key(ex: MQExecutor) -> int:
-    """Key of the executor's private reply queue (white-box)."""
-    return ex._state.reply_queue.key
+    """Key of the executor's private reply queue."""
+    return ex.reply_key
 
 
 def producer_subdir(ex: MQExecutor) -> str:
-    """Name of the executor's spill sub-directory (white-box)."""
-    return ex._state.subdir
+    """Name of the executor's spill sub-directory (``p-<pid>-<token>``)."""
+    return mqexecutor.spill.producer_subdir(os.getpid(), ex.token)
 
 
 def spill_entries(roots=None) -> set[str]:

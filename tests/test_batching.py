@@ -28,7 +28,6 @@ import sysv_ipc
 
 import mqexecutor
 from mqexecutor import Mode, TerminatedWorkerError, ipcinfo, outbox
-from mqexecutor import executor as executor_module
 from mqexecutor.protocol import (
     F_BATCH,
     F_VALUES,
@@ -139,7 +138,7 @@ def test_cancel_futures_withdraws_batched_tasks(tmp_path):
     with ex_ctx as ex:
         blocker, futures = _backlog(ex, gate, die_on, -1)
         # move much of the backlog into the kernel queue as batches
-        ex._state.feed()
+        ex._state.dispatch.feed()
         ex.shutdown(wait=False, cancel_futures=True)
         gate.open()
         blocker.result(timeout=30)
@@ -164,35 +163,32 @@ def test_batch_size_is_validated():
 AUTHKEY = b"result-batch-test-key-0123456789"
 
 
-def _count_results_per_message(monkeypatch) -> list[tuple[int, str]]:
-    """Record, for every message the collector handles, how many results it
-    carried and its form: "values" (RESULT VALUES, F_VALUES), "batch" (RESULT
-    BATCH, F_BATCH) or "single". The collector looks ``_handle_message`` up in
-    the module on every message."""
+def _count_results_per_message(ex) -> list[tuple[int, str]]:
+    """Record, for every message the collector of ``ex`` handles, how many
+    results it carried and its form: "values" (RESULT VALUES, F_VALUES),
+    "batch" (RESULT BATCH, F_BATCH) or "single" (the collector's ``observe``
+    seam)."""
     seen: list[tuple[int, str]] = []
-    real = executor_module._handle_message
 
-    def spy(state, raw):
-        n = real(state, raw)
+    def observe(n, raw):
         flags = raw[4] if len(raw) >= HEADER_SIZE else 0
         seen.append((n, "values" if flags & F_VALUES else
                      "batch" if flags & F_BATCH else "single"))
-        return n
 
-    monkeypatch.setattr(executor_module, "_handle_message", spy)
+    ex._state.collector.observe = observe
     return seen
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("authkey", [None, AUTHKEY], ids=["plain", "authkey"])
-def test_results_of_a_batch_come_back_together(tmp_path, monkeypatch, authkey):
+def test_results_of_a_batch_come_back_together(tmp_path, authkey):
     """Plain return values (ints here) come back in RESULT VALUES messages: one
     pickle for all of them. With authkey=, each result carries its own HMAC, so
     they come in RESULT BATCH messages instead, whose outer header has none:
     the collector must check the inner ones only."""
-    seen = _count_results_per_message(monkeypatch)
     gate = Gate(tmp_path)
     with pool(max_workers=1, batch_size=50, authkey=authkey) as ex:
+        seen = _count_results_per_message(ex)
         blocker, futures = _backlog(ex, gate, die_on, -1)
         gate.open()
         blocker.result(timeout=30)
@@ -230,14 +226,14 @@ def plain_or_not(x):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", [Mode.PREEMPTIVE, Mode.TARGETED])
-def test_plain_values_and_other_outcomes_of_one_batch(tmp_path, monkeypatch, mode):
+def test_plain_values_and_other_outcomes_of_one_batch(tmp_path, mode):
     """Results of one batch that are not all plain values go in a RESULT BATCH
     (each entry on its own), those that are in RESULT VALUES: every Future gets
     its own outcome either way. Tasks 200 and up return plain values only, so
     their batches (of 40) come back as RESULT VALUES."""
-    seen = _count_results_per_message(monkeypatch)
     gate = Gate(tmp_path)
     with pool(max_workers=1, mode=mode, batch_size=40) as ex:
+        seen = _count_results_per_message(ex)
         blocker, futures = _backlog(ex, gate, plain_or_not)
         gate.open()
         blocker.result(timeout=30)
@@ -264,7 +260,7 @@ def test_plain_values_and_other_outcomes_of_one_batch(tmp_path, monkeypatch, mod
 
 def _inject(ex, *messages: bytes) -> None:
     """Put ``messages`` on ``ex``'s reply queue, as a worker would."""
-    reply = sysv_ipc.MessageQueue(ex._state.reply_queue.key)
+    reply = sysv_ipc.MessageQueue(ex.reply_key)
     for message in messages:
         reply.send(message, type=RESULT_MTYPE)
 
@@ -282,7 +278,7 @@ def _serves_on_after_forged_results(ex, gate, mode, forged: int) -> None:
     assert ex.submit(square, 6).result(timeout=30) == 36
     assert ex.stats().completed == forged + 1
     if mode == Mode.TARGETED:
-        assert ex._state.loads() == [0]
+        assert ex._state.dispatch.loads() == [0]
 
 
 def _result_values(token: int, ids: list[int], values: bytes, busy_us: int = 5,
@@ -302,7 +298,7 @@ def test_result_values_complete_the_futures_they_name(tmp_path, mode):
     with pool(max_workers=1, mode=mode) as ex:
         f, g = (ex.submit(gated_identity, gate.path, i) for i in range(2))
         assert wait_until(lambda: ex.stats().backlog == 0, 10)
-        _inject(ex, _result_values(ex._state.token, [f.task_id, 10**9, g.task_id],
+        _inject(ex, _result_values(ex.token, [f.task_id, 10**9, g.task_id],
                                    pickle.dumps(["f", None, 2.5], 5)))
         assert f.result(timeout=10) == "f"
         assert g.result(timeout=10) == 2.5
@@ -318,7 +314,7 @@ def test_result_values_that_cannot_be_read(tmp_path, capfd):
     gate = Gate(tmp_path)
     with pool(max_workers=1) as ex:
         f, g, h = (ex.submit(gated_identity, gate.path, i) for i in range(3))
-        token = ex._state.token
+        token = ex.token
         whole = values_body([f.task_id, g.task_id], pickle.dumps([1, 2], 5))
         _inject(ex,
                 _result_values(token, [], b"", body=whole[:4 + 8]),  # count 2, one task id
@@ -341,7 +337,7 @@ def test_result_values_are_refused_by_a_pool_with_an_authkey(tmp_path, capfd):
     gate = Gate(tmp_path)
     with pool(max_workers=1, authkey=AUTHKEY) as ex:
         f = ex.submit(gated_identity, gate.path, 4)
-        _inject(ex, _result_values(ex._state.token, [f.task_id], pickle.dumps(["forged"], 5)))
+        _inject(ex, _result_values(ex.token, [f.task_id], pickle.dumps(["forged"], 5)))
         assert wait_until(lambda: "refused a message" in capfd.readouterr().err, 10)
         assert not f.done()
         gate.open()
@@ -400,7 +396,7 @@ def test_worker_death_delivers_the_results_waiting_in_its_outbox(tmp_path, authk
     gate = Gate(tmp_path)
     marker = str(tmp_path / "died.json")
     with pool(max_workers=1, batch_size=50, authkey=authkey) as ex:
-        owner_dir = os.path.dirname(ex._state.board.path)
+        owner_dir = ex._state.res.board_dir
         blocker, futures = _backlog(ex, gate, die_with_results_in_outbox,
                                     owner_dir, marker)
         gate.open()
@@ -631,7 +627,7 @@ def test_private_queue_holds_back_tasks_in_the_backlog(tmp_path):
         blocker, futures = _held(ex, gate)
         try:
             queued = _queued(ex)
-            backlog = len(ex._state.backlog)
+            backlog = len(ex._state.dispatch.backlog)
             assert queued <= 2 * ex.max_workers, queued
             assert backlog >= HELD - 2 * ex.max_workers, backlog
             assert ex.stats().queued_messages == queued
@@ -651,7 +647,7 @@ def test_queue_on_an_explicit_key_takes_all_it_can_hold(tmp_path):
             blocker, futures = _held(ex, gate)
             try:
                 queued = _queued(ex)
-                backlog = len(ex._state.backlog)
+                backlog = len(ex._state.dispatch.backlog)
                 assert queued + backlog == HELD
                 # A private queue would stop at 2: this one holds far more.
                 assert queued >= HELD // 2, (queued, backlog, ex.stats())
@@ -686,7 +682,7 @@ def test_result_batch_with_mixed_entries_completes_each_future(tmp_path, mode):
     with pool(max_workers=1, mode=mode) as ex:
         f, g, h = (ex.submit(gated_identity, gate.path, i) for i in range(3))
         assert wait_until(lambda: ex.stats().backlog == 0, 10)  # all three sent
-        token = ex._state.token
+        token = ex.token
         err = ValueError("raised in a forged result")
         entries = [
             _forged_result(token, f.task_id, "f"),
@@ -707,7 +703,7 @@ def test_result_batch_with_an_entry_past_its_end_is_refused_from_there(tmp_path,
     gate = Gate(tmp_path)
     with pool(max_workers=1) as ex:
         f, g = (ex.submit(gated_identity, gate.path, i) for i in range(2))
-        token = ex._state.token
+        token = ex.token
         body = join_batch([_forged_result(token, f.task_id, "f"),
                            _forged_result(token, g.task_id, "g")])
         body = body[:-3]  # the last entry runs past the end
@@ -731,13 +727,13 @@ def _gc_collect_until(predicate, tries: int = 20) -> bool:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("retries", [0, 1])
-def test_a_kept_future_does_not_keep_its_batch_alive(tmp_path, monkeypatch, retries):
+def test_a_kept_future_does_not_keep_its_batch_alive(tmp_path, retries):
     """A caller that keeps one Future of a batch keeps neither the other
     Futures sent with it nor (with retries=, which keeps the task message until
     the outcome) its message."""
-    seen = _count_results_per_message(monkeypatch)
     gate = Gate(tmp_path)
     with pool(max_workers=1, batch_size=50, retries=retries) as ex:
+        seen = _count_results_per_message(ex)
         blocker, futures = _backlog(ex, gate, square, n=200)
         gate.open()
         blocker.result(timeout=30)
@@ -762,12 +758,12 @@ def test_a_task_completed_while_in_the_backlog_is_not_sent(tmp_path):
         gate.wait_started(1)
         others = [ex.submit(gated_identity, gate.path, i) for i in range(4)]
         late = others[-1]
-        assert late in ex._state.backlog, "the test needs the task in the backlog"
-        _inject(ex, _forged_result(ex._state.token, late.task_id, "duplicate"))
+        assert late in ex._state.dispatch.backlog, "the test needs the task in the backlog"
+        _inject(ex, _forged_result(ex.token, late.task_id, "duplicate"))
         assert late.result(timeout=10) == "duplicate"
         gate.open()
         blocker.result(timeout=30)
         assert [f.result(timeout=30) for f in others[:-1]] == [0, 1, 2]
-        assert wait_until(lambda: not ex._state.backlog and not ex._state.pending, 10)
+        assert wait_until(lambda: ex.stats().backlog == ex.stats().running == 0, 10)
         assert late.done() and late.result(timeout=0) == "duplicate"
         assert late._attempts == 0, "the completed task was sent anyway"

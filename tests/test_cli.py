@@ -251,7 +251,7 @@ def test_ls_lists_pool_and_reply_queues(lab, qh):
                    "MESSAGES": "3", "BYTES": str(info.cbytes),
                    "CAPACITY": str(msgmnb()), "LSPID": str(info.lspid),
                    "LRPID": str(info.lrpid), "ROLE": "pool", "MODE": "preemptive"}
-    reply = ls_row(r.stdout, ex._state.reply_queue.key)
+    reply = ls_row(r.stdout, ex.reply_key)
     assert reply["ROLE"] == "reply" and reply["MODE"] == "-"
     # The console script prints the same table.
     assert ls_row(cli("ls", script=True).stdout, key)["MSQID"] == str(ex.msqid)

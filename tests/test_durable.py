@@ -175,7 +175,7 @@ def test_spool_records_each_task_until_its_outcome_is_delivered(tmp_path):
             ids = set()
             for token, task_id, message in spool.entries():
                 h = unpack_header(message)
-                assert (h.token, h.task_id) == (token, task_id) == (ex._state.token,
+                assert (h.token, h.task_id) == (token, task_id) == (ex.token,
                                                                     task_id)
                 ids.add(task_id)
             assert ids == {blocker.task_id} | {f.task_id for f in futures}

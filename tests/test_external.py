@@ -216,7 +216,7 @@ def json_pool(allow=ALLOW, workers: int = 2, **kwargs):
 
 
 def worker_pids(ex: MQExecutor) -> set[int]:
-    return {p.pid for p in ex._state.processes.values()}
+    return {p.pid for p in ex._processes.values()}
 
 
 # --------------------------------------------------------------------------
@@ -479,7 +479,7 @@ def test_malformed_messages_never_stop_the_pool(tmp_path):
                 i * i for i in range(20)]
             assert full.current_messages == 1  # the reply that did not fit was dropped
             assert worker_pids(ex) == pids, "a worker died"
-            assert all(p.is_alive() for p in ex._state.processes.values())
+            assert all(p.is_alive() for p in ex._processes.values())
             # every refusal was recorded as a dead letter
             refused = len(garbage_without_reply) - 1 + len(with_reply)
             assert helpers.wait_until(

@@ -21,7 +21,6 @@ import cloudpickle
 import pytest
 
 from mqexecutor import TaskUnpicklingError, codec, ipcinfo, spill
-from mqexecutor import executor as executor_module
 from mqexecutor.protocol import F_FN_REF, Kind, parse, split_task_body
 
 from . import helpers
@@ -286,7 +285,7 @@ def test_no_reference_while_a_module_is_registered_by_value(tmp_path):
 def test_unresolvable_reference_fails_only_that_task(monkeypatch, reference, cause):
     # A producer that sends a reference the worker cannot resolve: the
     # executor's per-function reference is forged for `forged_target` only.
-    real = executor_module._fn_info
+    real = codec.fn_info
 
     def forged(fn):
         info = real(fn)
@@ -296,7 +295,7 @@ def test_unresolvable_reference_fails_only_that_task(monkeypatch, reference, cau
         fake.reference = reference
         return fake
 
-    monkeypatch.setattr(executor_module, "_fn_info", forged)
+    monkeypatch.setattr(codec, "fn_info", forged)
     with pool(max_workers=1) as ex:
         assert ex.submit(square, 2).result(timeout=30) == 4
         pids = set(ex._processes)
@@ -315,7 +314,7 @@ def test_unresolvable_reference_fails_only_that_task(monkeypatch, reference, cau
 @pytest.mark.timeout(60)
 def test_nested_class_and_static_method_run_through_references():
     with pool(max_workers=2) as ex:
-        assert executor_module._fn_info(Outer.Inner.method).reference \
+        assert codec.fn_info(Outer.Inner.method).reference \
             == f"{THIS}:Outer.Inner.method"
         assert ex.submit(Outer.Inner.method, 7).result(timeout=30) == ("static", 21)
         assert ex.submit(Outer.Inner, "v").result(timeout=30) == Outer.Inner("v")
@@ -363,7 +362,7 @@ def test_a_call_without_arguments_sends_the_payload_pickled_once(monkeypatch):
     which are what dumps_plain_call would make every time: it pickles nothing
     (both picklers are made to fail here); the workers run it."""
     ref = codec.function_reference(os.getpid)
-    info = executor_module._fn_info(os.getpid)
+    info = codec.fn_info(os.getpid)
     assert info.bare_call == codec.dumps_plain_call(ref, (), {}, 8000)
     assert pickle.loads(info.bare_call) == (ref, (), {})
 

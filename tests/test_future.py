@@ -465,20 +465,22 @@ def test_standalone_mqfuture_is_a_plain_future():
 
 PRODUCER = textwrap.dedent("""
     import json, os, sys, time
+    import mqexecutor
     from mqexecutor import MQExecutor
     from tests.helpers import gated
     from tests.test_future import gated_bytes
 
     key, warm_gate, warm_started, gate, started, n, warm, size = sys.argv[1:9]
     ex = MQExecutor.attach(int(key))
+    subdir = mqexecutor.spill.producer_subdir(os.getpid(), ex.token)
     if warm == "1":
         # Both workers answer this producer once (each runs one of the two gated
         # tasks): each then holds a cached pidfd for this process.
         warmed = [ex.submit(gated, warm_gate, warm_started, i) for i in range(2)]
         print("WARM", json.dumps(sorted(f.result(timeout=30)[0] for f in warmed)), flush=True)
     fs = [ex.submit(gated_bytes, gate, started, i, int(size)) for i in range(int(n))]
-    print("QUEUED", json.dumps({"reply_key": ex._state.reply_queue.key,
-                                "subdir": ex._state.subdir}), flush=True)
+    print("QUEUED", json.dumps({"reply_key": ex.reply_key,
+                                "subdir": subdir}), flush=True)
     time.sleep(300)
 """)
 

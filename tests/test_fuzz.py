@@ -51,6 +51,7 @@ from .helpers import (
     identity,
     pid_alive,
     pool,
+    producer_subdir,
     shutdown_or_fail,
     square,
     touch_marker,
@@ -220,7 +221,7 @@ def _outside_spill_file(tmp: str) -> str:
 def make_case(name: str, fp: Pool, tmp: str) -> tuple[bytes, str, int]:
     """(message, part of the rejection reason, number of rejections) of a case."""
     valid = task(identity, 1)
-    subdir = fp.ex._state.subdir  # the pool's own spill directory (root 0)
+    subdir = producer_subdir(fp.ex)  # the pool's own spill directory (root 0)
     root0 = spill.root_dir(0)
     if name == "random-bytes":
         return b"\x00" + os.urandom(300), "bad magic", 1
@@ -359,11 +360,11 @@ def test_bad_message_is_counted_kept_and_skipped(fp, case, tmp_path):
                 "spill-symlink-to-valid-file-outside": "evil2.spill"}.get(case)
         if link:
             # the link was refused, not consumed (a spill file is unlinked when read)
-            assert os.path.islink(os.path.join(spill.root_dir(0), fp.ex._state.subdir, link))
+            assert os.path.islink(os.path.join(spill.root_dir(0), producer_subdir(fp.ex), link))
     finally:
         for name in ("evil.spill", "evil2.spill", "garbage.spill"):
             try:
-                os.unlink(os.path.join(spill.root_dir(0), fp.ex._state.subdir, name))
+                os.unlink(os.path.join(spill.root_dir(0), producer_subdir(fp.ex), name))
             except FileNotFoundError:
                 pass
         try:
@@ -596,7 +597,7 @@ def _dead_pid() -> int:
 def test_forged_header_naming_a_dead_producer_does_not_break_a_live_pool():
     with pool(max_workers=1) as ex:
         assert ex.submit(square, 2).result(timeout=20) == 4
-        reply = ex._state.reply_queue.key
+        reply = ex.reply_key
         post(ex.key, task(abs, -2, reply=reply, pid=_dead_pid()))
         try:
             assert ex.submit(square, 3).result(timeout=5) == 9

@@ -88,11 +88,19 @@ def test_map_buffersize_below_one_is_value_error(bad):
             ex.map(square, range(3), buffersize=bad)
 
 
-@pytest.mark.parametrize("bad", [1.5, "4", True])
+@pytest.mark.parametrize("bad", [1.5, "4", None.__class__])
 def test_map_buffersize_not_int_is_type_error(bad):
     with pool() as ex:
         with pytest.raises(TypeError):
             ex.map(square, range(3), buffersize=bad)
+
+
+def test_map_buffersize_true_is_one():
+    """Python 3.14 checks ``isinstance(buffersize, int)``: True is taken as 1."""
+    with pool() as ex:
+        it = ex.map(square, range(5), buffersize=True)
+        assert ex.stats().running + ex.stats().completed == 1
+        assert list(it) == [0, 1, 4, 9, 16]
 
 
 def test_map_exception_raised_when_its_item_is_reached():

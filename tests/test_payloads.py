@@ -265,7 +265,7 @@ def test_root_removed_by_another_producer_is_made_again():
     the empty root disappears and comes back under them, and neither may fail
     to make its directory."""
     import multiprocessing
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # never fork() a process with threads
     errors = ctx.Queue()
     procs = [ctx.Process(target=_make_and_remove, args=(f"x-race-{os.getpid()}-{i}", 2.0, errors))
              for i in range(2)]

@@ -47,13 +47,14 @@ def _leak_scanner() -> threading.Thread | None:
 
 def measure_idle(ex, skip_workers=(), wait=lambda: time.sleep(IDLE)) -> dict[str, float]:
     """CPU seconds used during ``wait()`` (IDLE seconds of sleep) by each worker
-    process (but those in ``skip_workers``), the collector and manager threads,
-    the calling thread, and this whole process (less the leak-check scanner
-    thread)."""
+    process (but those in ``skip_workers``), the manager process, the collector
+    and monitor threads, the calling thread, and this whole process (less the
+    leak-check scanner thread)."""
     state = ex._state
-    workers = {f"worker {wid}": p.pid for wid, p in state.processes.items()
-               if wid not in skip_workers}
-    threads = {"collector": state.collector, "manager": state.manager}
+    workers = {f"worker {p.worker_id}": pid for pid, p in ex._processes.items()
+               if p.worker_id not in skip_workers}
+    workers["manager process"] = state.manager.pid
+    threads = {"collector": state.collector, "monitor": ex._executor_manager_thread}
     scanner = _leak_scanner()
     w0 = {name: process_cpu(pid) for name, pid in workers.items()}
     t0 = {name: thread_cpu(t) for name, t in threads.items()}
@@ -88,7 +89,7 @@ def test_idle_pool_after_a_burst_uses_no_cpu(mode):
         _burst(ex)
         time.sleep(0.05)  # far longer than any poll (200 us)
         used = measure_idle(ex)
-        assert len(used) == 6
+        assert len(used) == 7
         hot = {name: round(s, 3) for name, s in used.items() if s >= LIMIT}
         assert not hot, f"still polling while idle (CPU s over {IDLE} s): {used}"
         # and the pool still answers at once after its sleep
@@ -109,7 +110,7 @@ def test_no_polling_while_the_only_task_out_runs_long(tmp_path):
             blocker = ex.submit_to(0, gated, gate.path, gate.started_dir, "long")
             gate.wait_started(1)
             assert ex.submit_to(1, square, 4).result(timeout=30) == 16
-            assert len(ex._state.pending) == 1
+            assert len(ex._state.dispatch.pending) == 1
             timed_out = []
 
             def wait_on_the_long_task():

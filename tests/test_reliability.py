@@ -14,7 +14,6 @@ import ctypes
 import faulthandler
 import json
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -34,6 +33,7 @@ from .helpers import (
     identity,
     no_core,
     pool,
+    producer_subdir,
     run_script,
     square,
     unused_key,
@@ -270,15 +270,15 @@ def test_per_task_retries(tmp_path, mode):
 def test_100k_tasks_through_map_with_buffersize_in_order():
     n = 100_000
     with pool(max_workers=2) as ex:
-        subdir = ex._state.subdir
-        task_key, reply_key = ex.key, ex._state.reply_queue.key
+        subdir = producer_subdir(ex)
+        task_key, reply_key = ex.key, ex.reply_key
         it = ex.map(identity, range(n), buffersize=1000)
         for expected, got in enumerate(it):
             if got != expected:
                 raise AssertionError(f"item {expected}: got {got}")
             if expected % 20_000 == 0:
                 # never more than buffersize tasks in flight
-                assert len(ex._state.pending) <= 1000
+                assert len(ex._state.dispatch.pending) <= 1000
         assert expected == n - 1
         assert ex.stats().completed == n
     # nothing of it remains
@@ -359,17 +359,19 @@ def test_16_producer_processes_on_one_pool(tmp_path):
 
 CRASHING_OWNER = """
 import json, os, sys, time
+import mqexecutor
 from mqexecutor import MQExecutor
 from tests.helpers import gated
 
 ex = MQExecutor(max_workers=2)
+subdir = mqexecutor.spill.producer_subdir(os.getpid(), ex.token)
 gate, started = sys.argv[1], sys.argv[2]
 busy = [ex.submit(gated, gate, started, i) for i in range(2)]
 # spilled tasks waiting in the kernel queue: their spill files are on disk
 waiting = [ex.submit(len, bytes(20_000)) for _ in range(3)]
 print("STATE", json.dumps({"pid": os.getpid(), "task_key": ex.key,
-                           "reply_key": ex._state.reply_queue.key,
-                           "subdir": ex._state.subdir, "workers": sorted(ex._processes)}),
+                           "reply_key": ex.reply_key,
+                           "subdir": subdir, "workers": sorted(ex._processes)}),
       flush=True)
 time.sleep(300)
 """
@@ -523,36 +525,50 @@ def test_ls_all_creates_no_queue(tmp_path):
     assert after == before, f"`mqexecutor ls --all` x3 made {after - before} queue(s)"
 
 
+FULL_REPLY_QUEUE = """
+import pickle, subprocess, sys
+import sysv_ipc
+from mqexecutor import MQExecutor, persistence
+from mqexecutor.protocol import Kind, build, task_body
+from mqexecutor.worker.replies import Replier
+from tests.helpers import square
+
+# This process has one thread: the manager process is forked from it, and the
+# workers it forks see this.
+Replier.FULL_PATIENCE = 0.5
+key = int(sys.argv[1])
+full = sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX, mode=0o600)
+sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+try:
+    while True:  # fill the reply queue
+        try:
+            full.send(b"x" * 1024, block=False)
+        except sysv_ipc.BusyError:
+            break
+    with MQExecutor(key, max_workers=1) as ex:
+        assert ex._state.manager.method == "fork"
+        body = task_body("builtins.abs", pickle.dumps((abs, (-3,), {}), protocol=5))
+        sysv_ipc.MessageQueue(key).send(
+            build(Kind.TASK, 0, 0, 1, 0x5EED, full.key, sleeper.pid, -1, body), type=1)
+        print("RESULT", ex.submit(square, 4).result(timeout=20))
+finally:
+    sleeper.kill()
+    sleeper.wait()
+    full.remove()
+    persistence.remove_queue(key)
+"""
+
+
 @pytest.mark.timeout(60)
-def test_full_reply_queue_of_a_producer_whose_pid_moved_on_is_given_up(monkeypatch):
+def test_full_reply_queue_of_a_producer_whose_pid_moved_on_is_given_up(tmp_path):
     """A task whose header names a live pid but a producer (pid, token) with no
     metadata, and a reply queue that stays full (nobody reads it): the pid went
     to another process. The worker gives the result up after FULL_PATIENCE
-    seconds instead of retrying for ever, and takes the next task."""
-    from mqexecutor.worker import loop as worker_module
-    from mqexecutor.protocol import Kind, build, task_body
-
-    monkeypatch.setattr(worker_module._Replier, "FULL_PATIENCE", 0.5,  # forked workers see it
-                        raising=False)
-    full = sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX, mode=0o600)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        while True:  # fill the reply queue
-            try:
-                full.send(b"x" * 1024, block=False)
-            except sysv_ipc.BusyError:
-                break
-        key = unused_key()
-        with pool(key, max_workers=1) as ex:
-            body = task_body("builtins.abs", pickle.dumps((abs, (-3,), {}), protocol=5))
-            ex._state.task_queue.send(
-                build(Kind.TASK, 0, 0, 1, 0x5EED, full.key, sleeper.pid, -1, body), type=1)
-            assert ex.submit(square, 4).result(timeout=20) == 16
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-        full.remove()
-        persistence.remove_queue(key)
+    seconds (0.5 here, set in a script whose workers inherit it) instead of
+    retrying for ever, and takes the next task."""
+    key = unused_key()
+    proc = run_script(FULL_REPLY_QUEUE, tmp_path, str(key), env={"PYTHONPATH": REPO})
+    assert proc.returncode == 0 and "RESULT 16" in proc.stdout, proc.stderr
 
 
 def _sleep_then_crash(delay):
@@ -576,7 +592,8 @@ def test_queue_removed_by_hand_breaks_the_pool(which, monkeypatch):
         crashing = ex.submit(_sleep_then_crash, 0.3)
         assert wait_until(lambda: running.running() and crashing.running(), 10)
         time.sleep(0.1)  # both taken by a worker
-        sysv_ipc.remove_message_queue(getattr(ex._state, which).id)
+        msqid = ex.msqid if which == "task_queue" else sysv_ipc.MessageQueue(ex.reply_key).id
+        sysv_ipc.remove_message_queue(msqid)
         name = which.replace("_", " ")
         exc = running.exception(timeout=20)
         assert isinstance(exc, BrokenMQPool) and name in str(exc), repr(exc)

@@ -32,6 +32,7 @@ from .helpers import (
     Gate,
     gated_identity,
     pool,
+    producer_subdir,
     shutdown_or_fail,
     square,
     touch_marker,
@@ -132,7 +133,7 @@ def test_queues_0600_and_spill_directories_0700_by_default(tmp_path):
         ex = MQExecutor(key, 1, durable=True)
         try:
             assert queue_perms(key) == 0o600
-            assert queue_perms(ex._state.reply_queue.key) == 0o600
+            assert queue_perms(ex.reply_key) == 0o600
             # root 0 has both sub-directories from the start (meta.json); the
             # other roots get theirs when something is written there
             made = 0
@@ -140,15 +141,15 @@ def test_queues_0600_and_spill_directories_0700_by_default(tmp_path):
                 if not os.path.exists(root):
                     continue
                 assert mode_of(root) == 0o700, root
-                for sub in (ex._state.subdir, spill.key_subdir(key)):
+                for sub in (producer_subdir(ex), spill.key_subdir(key)):
                     if os.path.exists(os.path.join(root, sub)):
                         assert mode_of(os.path.join(root, sub)) == 0o700, (root, sub)
                         made += 1
             assert made >= 2
             spool = journal.default_spool(key)
             assert mode_of(spool) == 0o700
-            scoreboard = os.path.join(spill.root_dir(0), ex._state.subdir, "scoreboard")
-            meta = os.path.join(spill.root_dir(0), ex._state.subdir, "meta.json")
+            scoreboard = os.path.join(spill.root_dir(0), producer_subdir(ex), "scoreboard")
+            meta = os.path.join(spill.root_dir(0), producer_subdir(ex), "meta.json")
             assert mode_of(scoreboard) == 0o600 and mode_of(meta) == 0o600
             # while the worker is held, a spilled task waits with its spill file
             # and every task has its spool record
@@ -178,7 +179,7 @@ def test_queues_0600_and_spill_directories_0700_by_default(tmp_path):
         private = MQExecutor(max_workers=1)
         try:
             assert queue_perms(private.key) == 0o600
-            assert queue_perms(private._state.reply_queue.key) == 0o600
+            assert queue_perms(private.reply_key) == 0o600
         finally:
             shutdown_or_fail(private)
     finally:
@@ -193,7 +194,7 @@ def test_wider_queue_mode_only_when_asked(queue_mode):
         with pool(key, max_workers=1, queue_mode=queue_mode) as ex:
             assert queue_perms(key) == queue_mode
             # the reply queue and the spill directories stay private
-            assert queue_perms(ex._state.reply_queue.key) == 0o600
+            assert queue_perms(ex.reply_key) == 0o600
             assert mode_of(os.path.join(spill.root_dir(0), spill.key_subdir(key))) == 0o700
             assert ex.submit(square, 3).result(timeout=20) == 9
         with pool(max_workers=1, queue_mode=queue_mode) as ex:
@@ -306,16 +307,15 @@ def test_producer_refuses_results_not_signed_with_its_key(tmp_path, capfd):
     with pool(max_workers=1, authkey=KEY) as ex:
         f = ex.submit(gated_identity, gate.path, "real")
         g = ex.submit(gated_identity, gate.path, "real too")
-        state = ex._state
-        reply = sysv_ipc.MessageQueue(state.reply_queue.key)
+        reply = sysv_ipc.MessageQueue(ex.reply_key)
         forged = pickle.dumps("forged", protocol=5)
         for authkey in (None, OTHER):
-            reply.send(build(Kind.RESULT, 0, Status.OK, f.task_id, state.token, 0,
+            reply.send(build(Kind.RESULT, 0, Status.OK, f.task_id, ex.token, 0,
                              os.getpid(), 0, forged, authkey), type=RESULT_MTYPE)
         time.sleep(0.3)
         assert not f.done(), "a result without the right HMAC completed a Future"
         # the control: the same forgery signed with the right key is taken
-        reply.send(build(Kind.RESULT, 0, Status.OK, g.task_id, state.token, 0,
+        reply.send(build(Kind.RESULT, 0, Status.OK, g.task_id, ex.token, 0,
                          os.getpid(), 0, forged, KEY), type=RESULT_MTYPE)
         assert g.result(timeout=10) == "forged"
         gate.open()

@@ -351,8 +351,9 @@ EXIT_SCRIPT = textwrap.dedent("""
         return i
 
     ex = MQExecutor(max_workers=2, mode=int(sys.argv[4]))
-    print(json.dumps({"keys": [ex.key, ex._state.reply_queue.key],
-                      "pids": list(ex._processes), "subdir": ex._state.subdir}),
+    subdir = mqexecutor.spill.producer_subdir(os.getpid(), ex.token)
+    print(json.dumps({"keys": [ex.key, ex.reply_key],
+                      "pids": list(ex._processes), "subdir": subdir}),
           flush=True)
     for i in range(n):
         ex.submit(work, i, pad)
@@ -398,12 +399,13 @@ OWNER_DEATH_SCRIPT = textwrap.dedent("""
     from mqexecutor import MQExecutor, Mode
 
     ex = MQExecutor(max_workers=2, mode=Mode.TARGETED)
+    subdir = mqexecutor.spill.producer_subdir(os.getpid(), ex.token)
     ex.submit_to(0, time.sleep, 1.0)               # worker 0 busy
     ex.submit_to(0, len, b"x" * (2 * 1024 * 1024))  # spilled, waits for worker 0
     ex.submit(abs, -1).result(timeout=10)          # worker 1 proven alive
-    files = mqexecutor.spill.list_files(ex._state.subdir)
-    print(json.dumps({"keys": [ex.key, ex._state.reply_queue.key],
-                      "pids": list(ex._processes), "subdir": ex._state.subdir,
+    files = mqexecutor.spill.list_files(subdir)
+    print(json.dumps({"keys": [ex.key, ex.reply_key],
+                      "pids": list(ex._processes), "subdir": subdir,
                       "files": files}), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """)
