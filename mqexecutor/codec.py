@@ -13,9 +13,12 @@ written straight into the file, and the message body becomes the reference.
 from __future__ import annotations
 
 import importlib
+import io
+import marshal
 import pickle
 import sys
 import types
+from collections import ChainMap
 from typing import Any
 
 from . import spill
@@ -36,6 +39,44 @@ def _cloudpickle() -> Any:
     results the C pickler handles never need it."""
     import cloudpickle
     return cloudpickle
+
+
+def _reduce_code(code: types.CodeType) -> tuple:
+    """A code object as marshal writes it (as in a .pyc): its file name and
+    line numbers travel with it, so tracebacks and faulthandler dumps in a
+    worker name the function's file (or notebook cell) and line. cloudpickle
+    3.1.3 names every code object it pickles ``<dynamic-code>``. Producer and
+    workers run the same interpreter (fork, or ``sys.executable``), so the
+    marshal format is the same."""
+    return marshal.loads, (marshal.dumps(code),)
+
+
+_BY_VALUE_PICKLER: Any = None
+
+
+def _by_value_pickler() -> Any:
+    """cloudpickle's Pickler with code objects reduced by :func:`_reduce_code`."""
+    global _BY_VALUE_PICKLER
+    if _BY_VALUE_PICKLER is None:
+        base = _cloudpickle().Pickler
+
+        class ByValuePickler(base):  # type: ignore[misc,valid-type]
+            dispatch_table = ChainMap({types.CodeType: _reduce_code}, base.dispatch_table)
+
+        _BY_VALUE_PICKLER = ByValuePickler
+    return _BY_VALUE_PICKLER
+
+
+def _cloud_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
+    """``cloudpickle.dumps(obj, protocol=5)``, with file names kept
+    (:func:`_reduce_code`). Raises what pickling raises."""
+    out = io.BytesIO()
+    try:
+        _by_value_pickler()(out, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+    except RecursionError as exc:  # as cloudpickle.dumps
+        raise pickle.PicklingError(f"Could not pickle object as excessively deep "
+                                   f"recursion required: {exc}") from exc
+    return out.getvalue()
 
 
 #: cloudpickle's set of modules registered by value, once cloudpickle is imported.
@@ -62,7 +103,7 @@ def by_value_registry() -> bool:
 def dumps_by_value(obj: Any) -> bytes:
     """``obj`` pickled with cloudpickle (protocol 5): functions of ``__main__``
     and lambdas by value. Raises what pickling raises."""
-    return _cloudpickle().dumps(obj, protocol=PROTOCOL)
+    return _cloud_dumps(obj)
 
 
 def _pickle(obj: Any, buffers: list | None) -> bytes:
@@ -83,11 +124,9 @@ def _pickle(obj: Any, buffers: list | None) -> bytes:
             return data
         if buffers:
             buffers.clear()
-    cloudpickle = _cloudpickle()
-    data = cloudpickle.dumps(obj, protocol=PROTOCOL,
-                             buffer_callback=None if buffers is None else buffers.append)
+    data = _cloud_dumps(obj, None if buffers is None else buffers.append)
     if buffers and not _raw(buffers):
-        data = cloudpickle.dumps(obj, protocol=PROTOCOL)
+        data = _cloud_dumps(obj)
     return data
 
 

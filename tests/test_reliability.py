@@ -185,6 +185,10 @@ def crash_in_task_fn():
     ctypes.string_at(0)
 
 
+def raise_in_task_fn():
+    raise KeyError("from the task")
+
+
 if __name__ == "__main__":
     with MQExecutor(max_workers=1) as ex:
         try:
@@ -192,6 +196,10 @@ if __name__ == "__main__":
         except TerminatedWorkerError as exc:
             print("TERMINATED", exc, flush=True)
         print("AFTER", ex.submit(sum, [1, 2, 3]).result(timeout=30), flush=True)
+        try:
+            ex.submit(raise_in_task_fn).result(timeout=30)
+        except KeyError as exc:
+            print("REMOTE", exc.__cause__, flush=True)
 """
 
 
@@ -199,7 +207,8 @@ if __name__ == "__main__":
 def test_faulthandler_traceback_names_the_task_function(tmp_path):
     """Workers start with faulthandler enabled: a segfault leaves "Fatal Python
     error: Segmentation fault" and the Python stack, with the task function,
-    on the worker's stderr (the executor's own stderr)."""
+    on the worker's stderr (the executor's own stderr). The functions are in
+    ``__main__``: they travel by value, and keep their file name and lines."""
     r = run_script(FAULT_SCRIPT, tmp_path, env={"PYTHONPATH": REPO}, timeout=50)
     assert r.returncode == 0, r.stderr
     assert re.search(r"^TERMINATED task worker 0 \(pid \d+\) died with signal SIGSEGV "
@@ -210,6 +219,11 @@ def test_faulthandler_traceback_names_the_task_function(tmp_path):
     assert re.search(r'File ".*script_main\.py", line \d+ in crash_in_task_fn', r.stderr), \
         r.stderr
     assert re.search(r'File ".*ctypes.*", line \d+ in string_at', r.stderr), r.stderr
+    # the worker's traceback of a __main__ function (sent by value) names its
+    # file and line too, whatever cloudpickle names its code objects
+    line = FAULT_SCRIPT.split("\n").index('    raise KeyError("from the task")') + 1
+    assert re.search(rf'File ".*script_main\.py", line {line}, in raise_in_task_fn', r.stdout), \
+        r.stdout
 
 
 # --------------------------------------------------------------------------
