@@ -353,3 +353,67 @@ def threading_lock():
 
 def in_worker() -> bool:
     return mqexecutor.worker_id() is not None
+
+
+class Heavy:
+    """A result object whose lifetime the tests follow with a weak reference."""
+
+    def __init__(self, n=0):
+        self.n = n
+
+    def method(self, x=0):
+        return self.n + x
+
+
+def make_heavy(n):
+    return Heavy(n)
+
+
+class ExitWhenFreed:
+    """An argument whose destructor kills the task worker freeing it (never
+    the test process): the worker dies after its task returned."""
+
+    def __del__(self):
+        if mqexecutor.worker_id() is not None:
+            os._exit(3)
+
+
+def return_then_die_freeing_arguments(obj):
+    return "returned"
+
+
+def kill_a_sibling(i):
+    """SIGKILL a random task worker of this pool (the manager's children; this
+    one too, when it is the only worker). Returns ``i`` if it survives."""
+    import random
+    import signal
+    parent = os.getppid()
+    siblings = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                        siblings.append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    if siblings:
+        try:
+            os.kill(random.choice(siblings), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return i
+
+
+class FalsyError(Exception):
+    """An exception that is false in a boolean context (CPython gh-132063)."""
+
+    def __bool__(self):
+        return False
+
+    def __len__(self):
+        return 0
+
+
+def raise_falsy():
+    raise FalsyError("falsy but raised")

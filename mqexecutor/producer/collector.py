@@ -338,7 +338,7 @@ class Collector(threading.Thread):
             lost: list[MQFuture] = []
             pending = dispatch.pending
             dead = pending.get(task_id)
-            batch = dead._batch if dead is not None else None
+            batch = dead._batch if dead is not None else _batch_of(pending, task_id)
             if batch is not None:
                 ids = [it.task_id for it in batch]
                 at = ids.index(task_id) if task_id in ids else len(batch)
@@ -386,6 +386,18 @@ class Collector(threading.Thread):
             spill.discard(fut._spill_ref)
         self.journal.forget(self.token, fut.task_id)
         fail(fut, err)
+
+
+def _batch_of(pending: dict[int, MQFuture], task_id: int) -> list[MQFuture] | None:
+    """The BATCH of a task no longer pending (it finished, and its worker died
+    while freeing its call, before starting the next one), found through the
+    pending tasks of the same BATCH: the rest of it must be sent again. Scans
+    ``pending``; worker deaths are rare."""
+    for fut in pending.values():
+        batch = fut._batch
+        if batch is not None and any(it.task_id == task_id for it in batch):
+            return batch
+    return None
 
 
 def _refused(exc: Exception) -> None:

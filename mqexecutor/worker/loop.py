@@ -316,6 +316,7 @@ class TaskWorker:
             return
         self.board.busy(self.wid, task_id, token, reply, pid)
         ran = 0.0
+        fn = args = kwargs = None
         try:
             try:
                 if spilled:
@@ -338,7 +339,6 @@ class TaskWorker:
                 finally:
                     context._task_id = None
                     ran = time.perf_counter() - started
-                del fn, args, kwargs
             msg: bytes | None = None
             value: Any = NO_VALUE
             if not status and cfg.authkey is None and type(outcome) in PLAIN_TYPES:
@@ -350,12 +350,16 @@ class TaskWorker:
                 msg = encode_outcome(status, task_id, token, self.wid, outcome,
                                      self.inline_max, self.subdir(pid, token),
                                      cfg.authkey, self.pid)
-            del outcome
             if results is not None:
                 results.add(reply, pid, token, msg, ran, task_id, value)
             elif not self.replier.send(reply, msg, pid, token):
                 drop_results([msg], pid, token)
-            del value
+            # Only now are the call and its outcome freed: a destructor that
+            # kills this process cannot take a finished task's result with it
+            # (the manager delivers the outbox; a notice of the death finds
+            # the task done).
+            del value, outcome
+            fn = args = kwargs = None
         finally:
             context._task_id = None
 
