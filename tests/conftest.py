@@ -42,6 +42,14 @@ from mqexecutor import spill
 from . import helpers
 
 ROOT_PID = os.getpid()
+
+# Every Python process the tests start (scripts, managers started as fresh
+# interpreters, Jupyter kernels) turns fork()'s "This process ... is
+# multi-threaded" DeprecationWarning (Python 3.12+) into an error too.
+_NO_FORK_FROM_THREADS = "error:This process:DeprecationWarning"
+if _NO_FORK_FROM_THREADS not in os.environ.get("PYTHONWARNINGS", ""):
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        w for w in (os.environ.get("PYTHONWARNINGS"), _NO_FORK_FROM_THREADS) if w)
 _PRODUCER_RE = re.compile(r"p-(\d+)-")
 _KEY_RE = re.compile(r"k-([0-9a-f]{8})$")
 _SESSION_LEAKS: list[str] = []
