@@ -30,12 +30,9 @@ How it differs from ``concurrent.futures.ProcessPoolExecutor`` (on purpose):
 """
 from __future__ import annotations
 
-import collections
-import itertools
 import os
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
@@ -48,6 +45,7 @@ from .config import PoolConfig
 from .errors import QueueModeError
 from .future import MQFuture
 from .manager.launch import ManagerProcess, start_method
+from .mapping import check_map_arguments, map_results
 from .mode import Mode
 from .options import (
     CapacityWarning,
@@ -65,7 +63,8 @@ from .producer.adoption import StrandedTask, adopt_leftovers
 from .producer.collector import Collector
 from .producer.dispatch import Dispatcher
 from .producer.monitor import Monitor, apply_event
-from .producer.pool import PoolFlags, PoolState, Resources, WorkerProcess, live_pools, register
+from .producer.pool import PoolFlags, Resources, WorkerProcess, live_pools, register
+from .producer.state import PoolState
 from .protocol import WIRE_VERSION
 
 __all__ = ["MQExecutor", "MQFuture", "Mode", "PoolStats", "StrandedTask", "CapacityWarning",
@@ -117,38 +116,6 @@ def _sweep_once() -> bool:
         return False
     _gc_done = True
     return True
-
-
-def _process_chunk(fn: Callable, chunk: list[tuple]) -> list:
-    """Run ``fn`` over a chunk of argument tuples (map with chunksize > 1)."""
-    return [fn(*args) for args in chunk]
-
-
-def _process_chunk1(fn: Callable, chunk: list) -> list:
-    """Run ``fn`` over a chunk of single arguments (map of one iterable with
-    chunksize > 1: the items travel as they are, not as 1-tuples)."""
-    return [fn(arg) for arg in chunk]
-
-
-def _chunks(iterator: Iterator, size: int) -> Iterator[list]:
-    while True:
-        chunk = list(itertools.islice(iterator, size))
-        if not chunk:
-            return
-        yield chunk
-
-
-def _result_or_cancel(fut: MQFuture, end: float | None) -> Any:
-    """``fut.result()`` by the deadline ``end``; on any error (the task's, a
-    timeout, KeyboardInterrupt) cancel it first. Holds no reference to the
-    Future or its result afterwards (CPython bpo-14406)."""
-    try:
-        try:
-            return fut.result(None if end is None else end - time.monotonic())
-        finally:
-            fut.cancel()
-    finally:
-        del fut
 
 
 class MQExecutor(Executor):
@@ -534,61 +501,17 @@ class MQExecutor(Executor):
         reached. The iterator keeps no reference to a result it yielded
         (CPython bpo-14406).
         """
-        if buffersize is not None:
-            if not isinstance(buffersize, int):
-                raise TypeError("buffersize must be an integer or None")
-            if buffersize < 1:
-                raise ValueError("buffersize must be None or > 0")
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-        end = None if timeout is None else time.monotonic() + timeout
-        args_iter: Iterator
-        run_chunk: Callable = _process_chunk
-        if chunksize > 1 and len(iterables) == 1:
-            args_iter = _chunks(iter(iterables[0]), chunksize)
-            run_chunk = _process_chunk1
-        elif chunksize > 1:
-            args_iter = _chunks(zip(*iterables), chunksize)
-        else:
-            args_iter = zip(*iterables)
+        check_map_arguments(chunksize, buffersize)
         retries = _options.retries if _options is not None else None
+        ref = weakref.ref(self)  # the iterator must not keep the executor alive
 
-        def submit_one(executor: MQExecutor, a: Any) -> MQFuture:
-            if chunksize > 1:
-                return executor._state.dispatch.submit(run_chunk, (fn, a), {}, None, retries)
-            return executor._state.dispatch.submit(fn, a, {}, None, retries)
+        def submit(fn: Callable, args: tuple) -> MQFuture | None:
+            executor = ref()  # gone: no more tasks (as CPython's map)
+            return None if executor is None else executor._state.dispatch.submit(
+                fn, args, {}, None, retries)
 
-        if buffersize:
-            fs = collections.deque(submit_one(self, a)
-                                   for a in itertools.islice(args_iter, buffersize))
-        else:
-            fs = collections.deque(submit_one(self, a) for a in args_iter)
-        # A weak reference lets the executor be garbage-collected while the
-        # iterator lives, as in CPython.
-        ref = weakref.ref(self)
-        del self
-
-        def results() -> Iterator:
-            try:
-                while fs:
-                    if buffersize:
-                        executor = ref()
-                        if executor is not None:
-                            nxt = next(args_iter, None)
-                            if nxt is not None:
-                                fs.append(submit_one(executor, nxt))
-                        del executor
-                    if chunksize > 1:
-                        chunk = _result_or_cancel(fs.popleft(), end)
-                        chunk.reverse()
-                        while chunk:  # no reference kept to what was yielded
-                            yield chunk.pop()
-                    else:
-                        yield _result_or_cancel(fs.popleft(), end)
-            finally:
-                for f in fs:
-                    f.cancel()
-        return results()
+        return map_results(submit, fn, iterables, timeout=timeout, chunksize=chunksize,
+                           buffersize=buffersize)
 
     # -- stopping ----------------------------------------------------------------
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False,

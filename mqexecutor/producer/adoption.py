@@ -36,7 +36,8 @@ from ..protocol import (
     targeted_mtype,
     unpack_header,
 )
-from .pool import PoolState, live_pools
+from .pool import live_pools
+from .state import PoolState
 
 __all__ = ["StrandedTask", "Adopted", "adopt_leftovers", "producer_alive"]
 

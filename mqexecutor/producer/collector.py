@@ -44,7 +44,7 @@ from ..protocol import (
     split_values,
     unpack_header,
 )
-from .pool import PoolState
+from .state import PoolState
 
 __all__ = ["Collector", "REPLY_QUEUE_GONE"]
 

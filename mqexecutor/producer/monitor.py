@@ -20,7 +20,8 @@ import sysv_ipc
 from .. import spill
 from ..manager import process as manager_process
 from ..protocol import CONTROL_MTYPE
-from .pool import PoolState, WorkerProcess
+from .pool import WorkerProcess
+from .state import PoolState
 
 __all__ = ["Monitor", "apply_event"]
 

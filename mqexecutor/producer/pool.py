@@ -1,18 +1,13 @@
-"""What one pool's producer side owns: its kernel resources, its flags, and
-the registry of this process's live pools (for interpreter exit).
-
-:class:`PoolState` ties together everything the threads of one executor
-share (dispatcher, collector, monitor); none of them holds the executor
-itself, so an executor that is garbage-collected shuts down, as
-ProcessPoolExecutor does.
-"""
+"""What one pool's producer side owns: its kernel resources and files, its
+flags, its view of the workers, and the registry of this process's live pools
+(for interpreter exit)."""
 from __future__ import annotations
 
 import os
 import random
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sysv_ipc
 
@@ -21,11 +16,7 @@ from ..limits import msgmax
 from ..protocol import HEADER_SIZE, TAG_SIZE, WIRE_VERSION
 from ..scoreboard import Scoreboard
 
-if TYPE_CHECKING:
-    from ..manager.launch import ManagerProcess
-    from .dispatch import Dispatcher
-
-__all__ = ["Resources", "PoolFlags", "PoolState", "WorkerProcess", "live_pools",
+__all__ = ["Resources", "PoolFlags", "WorkerProcess", "live_pools", "register",
            "interpreter_exiting"]
 
 _RNG = random.SystemRandom()
@@ -239,66 +230,19 @@ class WorkerProcess:
         return f"<WorkerProcess {self.name} pid={self.pid} {state}>"
 
 
-class PoolState:
-    """Everything the threads of one executor share. Holds no reference to
-    the executor.
-
-    Attributes:
-        config (PoolConfig): the pool (``None`` for an attached producer).
-        res (Resources), flags (PoolFlags), dispatch (Dispatcher).
-        manager (ManagerProcess | None): the manager process (not for attach()).
-        processes (dict): worker id -> :class:`WorkerProcess`, as the manager
-            reports them.
-        collector, monitor (threading.Thread | None): the pool's threads.
-    """
-
-    def __init__(self, config: Any, res: Resources, dispatch: Dispatcher, flags: PoolFlags,
-                 attach: bool):
-        self.config = config
-        self.res = res
-        self.dispatch = dispatch
-        self.flags = flags
-        self.attach = attach
-        self.pid = res.pid
-        self.manager: ManagerProcess | None = None
-        self.processes: dict[int, WorkerProcess] = {}
-        self.collector: threading.Thread | None = None
-        self.monitor: threading.Thread | None = None
-
-    def request_shutdown(self, cancel_futures: bool = False, abandon: bool = False) -> None:
-        """Stop accepting tasks; the monitor tears down once nothing is pending
-        (at once with ``abandon``)."""
-        with self.dispatch.lock:
-            self.flags.shutdown_requested = True
-            if abandon:
-                self.flags.abandon = True
-        if cancel_futures:
-            self.dispatch.cancel_backlog()
-            self.dispatch.withdraw_queued()
-        self.res.wake()
-
-    def break_pool(self, message: str) -> None:
-        """Fail every pending Future with BrokenMQPool; later submits raise it."""
-        with self.dispatch.lock:
-            if self.flags.broken is None:
-                self.flags.broken = message
-        self.dispatch.fail_all(message)
-        self.res.wake()
-
-
-# All live pools of this process, for interpreter exit. Children created by fork
-# must not act on their parent's pools.
-_live: weakref.WeakSet[PoolState] = weakref.WeakSet()
+# All live pools of this process (PoolState objects), for interpreter exit.
+# Children created by fork must not act on their parent's pools.
+_live: weakref.WeakSet[Any] = weakref.WeakSet()
 _exiting = False
 
 
-def live_pools() -> list[PoolState]:
+def live_pools() -> list[Any]:
     """The live pools made by this process."""
     pid = os.getpid()
     return [s for s in list(_live) if s.pid == pid]
 
 
-def register(state: PoolState) -> None:
+def register(state: Any) -> None:
     """Add a pool to :func:`live_pools`."""
     _live.add(state)
 
