@@ -22,7 +22,7 @@ from collections import ChainMap
 from typing import Any
 
 from . import spill
-from .protocol import task_body
+from .protocol import reference_text, task_body
 
 __all__ = ["dumps", "dumps_plain_call", "loads", "PROTOCOL", "PLAIN_TYPES",
            "function_reference", "load_function", "holder", "dumps_by_value", "FnInfo",
@@ -342,6 +342,5 @@ def loads(body: bytes | memoryview, spilled: bool, keep: bool = False) -> Any:
         Any exception raised while unpickling.
     """
     if spilled:
-        reference = bytes(body).decode("ascii", "replace")
-        return spill.load(reference, pickle.loads, unlink=not keep)
+        return spill.load(reference_text(body), pickle.loads, unlink=not keep)
     return pickle.loads(body)

@@ -66,8 +66,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TypeGuard
 
+import sysv_ipc
+
 from .context import report as _log
 from .context import worker_id
+from .limits import msgmax
 
 __all__ = ["VERSION", "handle_json", "parse_task", "is_allowed", "resolve",
            "JSONTask", "TaskRefused"]
@@ -314,7 +317,6 @@ def _error_reply(task_id: Any, code: str, type_name: str, message: str,
 
 def _send_fresh(key: int, mtype: int, body: bytes) -> bool:
     """One non-blocking msgsnd through a freshly opened queue object."""
-    import sysv_ipc
     try:
         queue = sysv_ipc.MessageQueue(key, 0, max_message_size=max(len(body), 1))
         queue.send(body, block=False, type=mtype)
@@ -360,7 +362,6 @@ def handle_json(raw: bytes, allow: Sequence[str],
         sent when the message named a usable reply queue. Never raises for any
         content of ``raw``.
     """
-    from .limits import msgmax
     limit = msgmax()
     task: JSONTask | None = None
     try:

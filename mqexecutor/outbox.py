@@ -26,15 +26,17 @@ import os
 import struct
 from typing import NamedTuple
 
+from .protocol import HEADER_SIZE, LEN_STRUCT
+
 __all__ = ["Outbox", "Route", "outbox_path", "create", "drain", "HEAD_SIZE"]
 
 _HEAD = struct.Struct("<IIiiQ")
 HEAD_SIZE = _HEAD.size
 _COUNT_USED = struct.Struct("<II")  # the first two fields of the head
 _ROUTE = struct.Struct("<iiQ")  # the last three, at offset 8
-_LEN = struct.Struct("<I")
-#: No message is shorter than its header (protocol.HEADER_SIZE).
-MIN_MESSAGE = 40
+_LEN = LEN_STRUCT  # an entry's length, as in a batch body
+#: No message is shorter than its header.
+MIN_MESSAGE = HEADER_SIZE
 
 
 class Route(NamedTuple):

@@ -19,7 +19,11 @@ import tempfile
 import time
 from typing import NamedTuple
 
-from . import spill
+import sysv_ipc
+
+from . import ipcinfo, spill
+from .limits import msgmax
+from .protocol import flatten, spill_reference
 
 __all__ = ["QueueMeta", "read_meta", "write_meta", "producer_metas", "pid_alive",
            "collect_garbage", "purge_queue", "remove_queue", "release_producer"]
@@ -130,9 +134,6 @@ def collect_garbage() -> list[str]:
     Returns:
         list of str: one line per thing removed, for logs and the CLI.
     """
-    import sysv_ipc
-
-    from . import ipcinfo
 
     removed: list[str] = []
     by_key = {q.key: q for q in ipcinfo.list_queues()}
@@ -211,7 +212,6 @@ def _stale_key_dir(root: str, name: str, by_key: dict) -> list[str]:
             return []
     except OSError:
         return []
-    from . import ipcinfo
     if ipcinfo.queue_info(key) is not None:
         return []
     try:
@@ -234,10 +234,6 @@ def purge_queue(key: int) -> tuple[int, int]:
         sysv_ipc.ExistentialError: no queue has this key.
         sysv_ipc.PermissionsError: this user may not read it.
     """
-    import sysv_ipc
-
-    from .limits import msgmax
-    from .protocol import Flag, Kind, ProtocolError, flatten, parse, split_task_body
 
     if key == 0:
         raise sysv_ipc.ExistentialError("key 0 is IPC_PRIVATE: it names no queue")
@@ -254,13 +250,9 @@ def purge_queue(key: int) -> tuple[int, int]:
             continue
         for inner in flatten(raw):
             messages += 1
-            try:
-                h, body = parse(inner)
-                if h.kind == Kind.TASK and h.flags & Flag.SPILL:
-                    _, ref = split_task_body(body)
-                    files += spill.discard(bytes(ref).decode("ascii", "replace"))
-            except ProtocolError:
-                pass
+            ref = spill_reference(inner)
+            if ref is not None:
+                files += spill.discard(ref)
     return messages, files
 
 
@@ -276,8 +268,6 @@ def remove_queue(key: int) -> tuple[int, int]:
         sysv_ipc.ExistentialError: no queue has this key.
         sysv_ipc.PermissionsError: this user may not remove it.
     """
-    import sysv_ipc
-
     counts = purge_queue(key)
     sysv_ipc.MessageQueue(key, 0).remove()
     spill.remove_subdir(spill.key_subdir(key))
@@ -289,7 +279,6 @@ def release_producer(reply_key: int, subdir: str, task_key: int | None = None) -
     queue, its spill sub-directory and, for a private pool, its task queue
     (``task_key``). Never raises. Used by the manager process when its owner
     dies, and by a task worker when both the owner and the manager are gone."""
-    import sysv_ipc
     for key in (task_key, reply_key):
         if not key:
             continue

@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 from ..config import PoolConfig
@@ -170,7 +171,6 @@ class ManagerProcess:
             BrokenMQPool: it could not start them, exited, or took longer than
                 ``timeout`` seconds.
         """
-        import time
         got: list[tuple] = []
         deadline = time.monotonic() + timeout
         try:
