@@ -8,7 +8,7 @@
 Runs ``[submit(noop) for _ in range(n)]`` then waits for all of them, on a
 pool started and warmed up beforehand, and prints where the submitting process
 spends its time. py-spy (``pip install py-spy``; needs ptrace permission) samples
-every thread, so the collector and manager threads that compete with the caller
+every thread, so the collector and monitor threads that compete with the caller
 for the GIL show up too; pyinstrument and cProfile see the caller's thread only.
 """
 from __future__ import annotations

@@ -5,23 +5,16 @@ workers read a Linux System V message queue, with cloudpickle so lambdas and
 notebook functions run, Swoole's targeted and preemptive modes, payloads of any
 size through spill files, and queues that can outlive the executor.
 
-The path of one task (details in docs/architecture.md)::
+Its processes (details in docs/architecture.md)::
 
-  caller thread                 kernel                      task worker i
-  -------------                 ------                      -------------
-  submit(fn, *args)
-    cloudpickle (fn,args,kw) --(> msgmax - 40? spill file, 0600)
-    header + body
-    msgsnd(task queue, IPC_NOWAIT) --> [task queue: key, mtype] --> msgrcv(mtype)
-      full? -> backlog (deque);                                    scoreboard[i] = task
-               refilled by the                                     unpickle, run fn
-               collector / manager                                 pickle outcome
-    returns MQFuture (RUNNING once                                   |
-    in the kernel queue)                                             v
-                                       [reply queue: private] <-- msgsnd(reply key)
-  collector thread  <-- msgrcv ------------'
-    unpickle outcome -> Future.set_result / set_exception
-  manager thread: worker sentinels -> fail the dead worker's task, respawn same id
+  your process (the owner)            manager process          task workers
+  ------------------------            ---------------          ------------
+  submit(fn, *args)                   one thread: forks,  -->  msgrcv(task queue)
+    pickle (cloudpickle if needed)    reaps and replaces       run fn, pickle outcome
+    msgsnd(task queue) or backlog     the task workers         msgsnd(reply queue)
+  collector thread <-- msgrcv(reply queue) <---------------------------'
+    outcome -> MQFuture
+  monitor thread <-- manager's reports (started, exited, broken); teardown
 
 Results never travel on the task queue, and the reply queue is always being
 drained by the collector, so a full task queue cannot deadlock the pool.

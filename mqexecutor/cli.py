@@ -281,7 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"mqexecutor: error: the pool broke: {ex.broken}", file=sys.stderr,
                   flush=True)
             ex.shutdown(wait=False)
-            return EXIT_NO_QUEUE if not ipcinfo.queue_info(args.key) else 1
+            return 1
     print("mqexecutor: stopping: running tasks finish, queued tasks stay in the queue",
           flush=True)
     ex.shutdown(wait=True, keep_queued=True)

@@ -45,9 +45,10 @@ def _reduce_code(code: types.CodeType) -> tuple:
     """A code object as marshal writes it (as in a .pyc): its file name and
     line numbers travel with it, so tracebacks and faulthandler dumps in a
     worker name the function's file (or notebook cell) and line. cloudpickle
-    3.1.3 names every code object it pickles ``<dynamic-code>``. Producer and
-    workers run the same interpreter (fork, or ``sys.executable``), so the
-    marshal format is the same."""
+    3.1.3 names every code object it pickles ``<dynamic-code>``. An owner and
+    its workers run the same interpreter (fork, or ``sys.executable``); a
+    producer that attaches to a pool must run the same Python version to send
+    functions by value (as cloudpickle's own format requires)."""
     return marshal.loads, (marshal.dumps(code),)
 
 

@@ -6,8 +6,9 @@ producer for up to a message's worth of results, instead of one each per task.
 Until they are sent, the results wait in a small memory-mapped file of the pool
 owner's spill sub-directory (tmpfs when available), one file per worker id. So a
 worker that dies holding results does not lose them: before it reports the
-death, the owner sends what the file holds on to its producer, and only the task
-the worker was running fails (the promise of ``TerminatedWorkerError``).
+death, the pool's manager process sends what the file holds on to its producer,
+and only the task the worker was running fails (the promise of
+``TerminatedWorkerError``).
 
 Layout, little-endian::
 

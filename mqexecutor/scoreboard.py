@@ -1,11 +1,12 @@
 """The scoreboard: one shared-memory slot per task worker saying what it runs.
 
 The pool owner creates a small file in its spill sub-directory (tmpfs when
-available) and every worker maps it. A worker writes the task it has just taken
-into its slot before unpickling it, and clears the slot after the reply is sent.
-When a worker dies, the owner reads the slot to learn which task died with it
-and whom to tell: the producer's reply key is in the slot, so a task submitted
-by another process (``MQExecutor.attach``) fails in that process too.
+available); its manager process and every worker map it. A worker writes the
+task it has just taken into its slot before unpickling it, and clears the slot
+after the reply is sent. When a worker dies, the manager reads the slot to
+learn which task died with it and whom to tell: the producer's reply key is in
+the slot, so a task submitted by another process (``MQExecutor.attach``) fails
+in that process too.
 
 Slot layout, 32 bytes, little-endian::
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -77,6 +78,17 @@ def request_stop(signum: int | None = None, frame: Any = None) -> None:
 def stop_requested() -> bool:
     """Whether :func:`request_stop` was called in this process."""
     return _stop
+
+
+def _flush_output() -> None:
+    """What tasks printed goes out after each message, not when the worker
+    exits: a worker's stdout is a pipe or a file (block-buffered) when its
+    manager started as a fresh interpreter."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 class TaskWorker:
@@ -151,6 +163,7 @@ class TaskWorker:
                 self.requeue(raw, mtype)
                 break
             self.handle(raw)
+            _flush_output()
             self.spin = True
             if self.max_tasks and self.done >= self.max_tasks:
                 break
