@@ -12,7 +12,6 @@ written straight into the file, and the message body becomes the reference.
 """
 from __future__ import annotations
 
-import importlib
 import io
 import marshal
 import pickle
@@ -22,11 +21,10 @@ from collections import ChainMap
 from typing import Any
 
 from . import spill
-from .protocol import reference_text, task_body
+from .protocol import reference_text
 
-__all__ = ["dumps", "dumps_plain_call", "loads", "PROTOCOL", "PLAIN_TYPES",
-           "function_reference", "load_function", "holder", "dumps_by_value", "FnInfo",
-           "fn_info", "fn_name"]
+__all__ = ["dumps", "dumps_plain_call", "loads", "PROTOCOL", "PLAIN_TYPES", "dumps_by_value",
+           "by_value_registry", "refers_to_main"]
 
 PROTOCOL = 5
 
@@ -146,143 +144,10 @@ def _raw(buffers: list) -> bool:
 #: Types whose pickle needs neither cloudpickle nor out-of-band buffers.
 PLAIN_TYPES = frozenset((type(None), bool, int, float, complex, str, bytes))
 
-#: Callables that pickle as a reference (module and qualified name), never state.
-_BY_REFERENCE = frozenset((types.FunctionType, types.BuiltinFunctionType, type))
-
-
-def _resolve(module: str, qualname: str, load: bool = True) -> tuple[Any, str, Any]:
-    """(owner, name, object) of ``module:qualname``: the module or class that
-    holds the object under that name, and the object."""
-    owner = importlib.import_module(module) if load else sys.modules[module]
-    parts = qualname.split(".")
-    for part in parts[:-1]:
-        if part == "<locals>":
-            raise AttributeError(f"{module}:{qualname} is local to a function")
-        owner = getattr(owner, part)
-    return owner, parts[-1], getattr(owner, parts[-1])
-
-
-def holder(reference: str) -> tuple[Any, str]:
-    """(owner, name) where the function of ``reference`` (made by
-    :func:`function_reference` in this process) is found: the producer checks
-    ``getattr(owner, name) is fn`` before it sends a cached reference, so a
-    name rebound since travels by value.
-
-    Raises:
-        KeyError, AttributeError: the module or a part of the name is gone.
-    """
-    module, _, qualname = reference.partition(":")
-    owner, name, _obj = _resolve(module, qualname, load=False)
-    return owner, name
-
-
-def function_reference(fn: Any) -> str | None:
-    """``"module:qualname"`` of ``fn`` when it travels as a reference that stays
-    valid for as long as ``fn`` exists (a module-level function, builtin or
-    class that the C pickler pickles by reference), for the producer to make
-    once and reuse; None for anything that travels by value (lambdas, closures,
-    ``__main__`` functions, callable objects, modules registered with
-    ``cloudpickle.register_pickle_by_value``)."""
-    if type(fn) not in _BY_REFERENCE or by_value_registry():
-        return None
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None)
-    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__":
-        return None
-    try:
-        if _resolve(module, qualname, load=False)[2] is not fn:
-            return None
-        data = pickle.dumps(fn, protocol=PROTOCOL)  # as the C pickler would send it
-    except Exception:  # noqa: BLE001 - travels by value (cloudpickle)
-        return None
-    return None if _MAIN in data else f"{module}:{qualname}"
-
-
-def fn_name(fn: Any) -> str:
-    """The name a task of ``fn`` carries (its message, ``MQFuture.fn_name``):
-    ``module.qualname``, ``partial(...)``, or the callable's type name."""
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    if name is None:
-        inner = getattr(fn, "func", None)
-        if inner is not None:
-            return f"partial({fn_name(inner)})"
-        return type(fn).__qualname__
-    module = getattr(fn, "__module__", None)
-    return f"{module}.{name}" if module and module != "builtins" else name
-
-
-class FnInfo:
-    """What submit() needs to know of a function, made once (:func:`fn_info`).
-
-    Attributes:
-        name (str): :func:`fn_name`.
-        reference (str | None): ``"module:qualname"`` when the function may
-            travel as a reference; valid while ``getattr(owner, attr) is fn``.
-        bare_call (bytes): the payload of a call without arguments, by
-            reference: the same bytes every time, pickled once (b"" if none).
-    """
-
-    __slots__ = ("name", "prefix", "reference", "owner", "attr", "bare_call")
-
-    def __init__(self, fn: Any):
-        self.name = fn_name(fn)
-        #: The start of a task body: the function's name (protocol.task_body).
-        self.prefix = task_body(self.name, b"")
-        self.reference = function_reference(fn)
-        self.owner: Any = None
-        self.attr = ""
-        self.bare_call = b""
-        if self.reference is not None:
-            try:
-                self.owner, self.attr = holder(self.reference)
-                self.bare_call = pickle.dumps((self.reference, (), {}), PROTOCOL)
-            except (KeyError, AttributeError):
-                self.reference = None
-
-
-_INFOS: dict[Any, FnInfo] = {}
-
-
-def fn_info(fn: Any) -> FnInfo:
-    """The :class:`FnInfo` of ``fn``. Kept (at most 1024) only for functions
-    that travel as a reference, which their module keeps alive anyway: a
-    cache must not keep alive a callable's objects (a bound method's
-    instance, a closure's cells) once its tasks are done (CPython bpo-16284)."""
-    try:
-        return _INFOS[fn]
-    except (KeyError, TypeError):
-        pass
-    info = FnInfo(fn)
-    if info.reference is not None:
-        if len(_INFOS) > 1024:
-            _INFOS.clear()
-        _INFOS[fn] = info
-    return info
-
-
-_FUNCTIONS: dict[str, tuple[Any, str, Any]] = {}  # reference -> (owner, name, fn)
-
-
-def load_function(reference: str) -> Any:
-    """Inverse of :func:`function_reference`, cached (the worker side): imports
-    the module and looks the qualified name up, as unpickling would (again when
-    the name was rebound since).
-
-    Raises:
-        TypeError: ``reference`` is not a ``"module:qualname"`` string.
-        ImportError, AttributeError: the module or the name does not exist here.
-    """
-    hit = _FUNCTIONS.get(reference)  # type: ignore[arg-type]
-    if hit is not None and getattr(hit[0], hit[1], None) is hit[2]:
-        return hit[2]
-    if not isinstance(reference, str) or ":" not in reference:
-        raise TypeError(f"function reference {reference!r} is not 'module:qualname'")
-    module, _, qualname = reference.partition(":")
-    hit = _resolve(module, qualname)
-    if len(_FUNCTIONS) >= 1024:
-        _FUNCTIONS.clear()
-    _FUNCTIONS[reference] = hit
-    return hit[2]
+def refers_to_main(data: bytes) -> bool:
+    """Whether a pickle names the ``__main__`` module (it must then travel by
+    value: the workers' ``__main__`` may not have what it names)."""
+    return data.find(_MAIN) >= 0
 
 
 def dumps_plain_call(reference: str, args: tuple, kwargs: dict, inline_max: int

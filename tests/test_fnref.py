@@ -1,12 +1,12 @@
 """FN_REF (flag 0x0020): a function pickled by reference travels as "module:qualname".
 
-``codec.function_reference`` decides on the producer side (once per function)
+``functions.function_reference`` decides on the producer side (once per function)
 which callables may travel that way: module-level functions, builtins and
 classes that the C pickler pickles by reference. Everything else (lambdas,
 closures, partials, bound methods, callable objects, ``__main__`` functions,
 functions no longer reachable under their name, modules registered with
 ``cloudpickle.register_pickle_by_value``) travels by value. Each worker
-resolves a reference with ``codec.load_function``; a reference it cannot
+resolves a reference with ``functions.load_function``; a reference it cannot
 resolve fails that task with TaskUnpicklingError and the pool goes on.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import cloudpickle
 import pytest
 
-from mqexecutor import TaskUnpicklingError, codec, ipcinfo, spill
+from mqexecutor import TaskUnpicklingError, codec, functions, ipcinfo, spill
 from mqexecutor.protocol import F_FN_REF, Kind, parse, split_task_body
 
 from . import helpers
@@ -90,18 +90,18 @@ def make_closure(k):
 
 
 # --------------------------------------------------------------------------
-# codec.function_reference / codec.load_function
+# functions.function_reference / functions.load_function
 # --------------------------------------------------------------------------
 
 def test_module_level_function_builtin_and_class_are_references():
-    assert codec.function_reference(square) == "tests.helpers:square"
-    assert codec.function_reference(abs) == "builtins:abs"
-    assert codec.function_reference(os.getpid) == f"{os.getpid.__module__}:getpid"
-    assert codec.function_reference(Outer) == f"{THIS}:Outer"
-    assert codec.function_reference(Outer.Inner) == f"{THIS}:Outer.Inner"
-    assert codec.function_reference(Outer.Inner.method) == f"{THIS}:Outer.Inner.method"
+    assert functions.function_reference(square) == "tests.helpers:square"
+    assert functions.function_reference(abs) == "builtins:abs"
+    assert functions.function_reference(os.getpid) == f"{os.getpid.__module__}:getpid"
+    assert functions.function_reference(Outer) == f"{THIS}:Outer"
+    assert functions.function_reference(Outer.Inner) == f"{THIS}:Outer.Inner"
+    assert functions.function_reference(Outer.Inner.method) == f"{THIS}:Outer.Inner.method"
     # a plain method looked up on its class is a module-level function too
-    assert codec.function_reference(Outer.bound) == f"{THIS}:Outer.bound"
+    assert functions.function_reference(Outer.bound) == f"{THIS}:Outer.bound"
 
 
 @pytest.mark.parametrize("fn", [
@@ -117,75 +117,75 @@ def test_module_level_function_builtin_and_class_are_references():
 ], ids=["lambda", "closure", "partial", "bound-method", "classmethod",
         "callable-instance", "builtin-bound-method", "str-method", "method-wrapper"])
 def test_callables_that_travel_by_value_have_no_reference(fn):
-    assert codec.function_reference(fn) is None
+    assert functions.function_reference(fn) is None
 
 
 def test_function_rebound_in_its_module_has_no_reference(monkeypatch):
     original = rebindable
-    assert codec.function_reference(original) == f"{THIS}:rebindable"
+    assert functions.function_reference(original) == f"{THIS}:rebindable"
     monkeypatch.setattr(sys.modules[THIS], "rebindable", _replacement)
     # the name now leads to another object: "tests.test_fnref:rebindable"
     # would run _replacement in a worker
-    assert codec.function_reference(original) is None
+    assert functions.function_reference(original) is None
     monkeypatch.setattr(sys.modules[THIS], "rebindable", 42)
-    assert codec.function_reference(original) is None
+    assert functions.function_reference(original) is None
 
 
 def test_function_with_a_wrong_qualname_has_no_reference():
     def local():
         pass
     assert "<locals>" in local.__qualname__
-    assert codec.function_reference(local) is None
+    assert functions.function_reference(local) is None
     local.__module__ = THIS
     local.__qualname__ = "does_not_exist_here"
-    assert codec.function_reference(local) is None
+    assert functions.function_reference(local) is None
 
 
 def test_module_registered_by_value_disables_references():
-    assert codec.function_reference(square) == "tests.helpers:square"
+    assert functions.function_reference(square) == "tests.helpers:square"
     cloudpickle.register_pickle_by_value(helpers)
     try:
         assert codec.by_value_registry()
-        assert codec.function_reference(square) is None
-        assert codec.function_reference(abs) is None  # any registry: all by value
+        assert functions.function_reference(square) is None
+        assert functions.function_reference(abs) is None  # any registry: all by value
     finally:
         cloudpickle.unregister_pickle_by_value(helpers)
     assert not codec.by_value_registry()
-    assert codec.function_reference(square) == "tests.helpers:square"
+    assert functions.function_reference(square) == "tests.helpers:square"
 
 
 def test_main_function_has_no_reference(tmp_path):
     code = (
         "import json\n"
-        "from mqexecutor import codec\n"
+        "from mqexecutor import functions\n"
         "def f(x):\n"
         "    return x\n"
         "class C:\n"
         "    pass\n"
-        "print(json.dumps([codec.function_reference(f), codec.function_reference(C),\n"
-        "                  codec.function_reference(abs)]))\n")
+        "print(json.dumps([functions.function_reference(f), functions.function_reference(C),\n"
+        "                  functions.function_reference(abs)]))\n")
     res = run_script(code, tmp_path, timeout=30)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == '[null, null, "builtins:abs"]'
 
 
 def test_load_function_resolves_references_and_refuses_bad_ones():
-    assert codec.load_function("tests.helpers:square") is square
-    assert codec.load_function("builtins:abs") is abs
-    assert codec.load_function(f"{THIS}:Outer.Inner.method") is Outer.Inner.method
-    assert codec.load_function("os.path:join") is os.path.join
+    assert functions.load_function("tests.helpers:square") is square
+    assert functions.load_function("builtins:abs") is abs
+    assert functions.load_function(f"{THIS}:Outer.Inner.method") is Outer.Inner.method
+    assert functions.load_function("os.path:join") is os.path.join
     for fn in (square, abs, Outer, Outer.Inner, Outer.Inner.method, os.getpid):
-        assert codec.load_function(codec.function_reference(fn)) is fn
+        assert functions.load_function(functions.function_reference(fn)) is fn
     with pytest.raises(ImportError):
-        codec.load_function("no_such_module_xyz:fn")
+        functions.load_function("no_such_module_xyz:fn")
     with pytest.raises(AttributeError):
-        codec.load_function("os:no_such_attr")
+        functions.load_function("os:no_such_attr")
     with pytest.raises(AttributeError):
-        codec.load_function(f"{THIS}:make_closure.<locals>.closure")
+        functions.load_function(f"{THIS}:make_closure.<locals>.closure")
     with pytest.raises(TypeError):
-        codec.load_function("no colon here")
+        functions.load_function("no colon here")
     with pytest.raises(TypeError):
-        codec.load_function(42)
+        functions.load_function(42)
 
 
 # --------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def test_no_reference_while_a_module_is_registered_by_value(tmp_path):
 def test_unresolvable_reference_fails_only_that_task(monkeypatch, reference, cause):
     # A producer that sends a reference the worker cannot resolve: the
     # executor's per-function reference is forged for `forged_target` only.
-    real = codec.fn_info
+    real = functions.fn_info
 
     def forged(fn):
         info = real(fn)
@@ -295,7 +295,7 @@ def test_unresolvable_reference_fails_only_that_task(monkeypatch, reference, cau
         fake.reference = reference
         return fake
 
-    monkeypatch.setattr(codec, "fn_info", forged)
+    monkeypatch.setattr(functions, "fn_info", forged)
     with pool(max_workers=1) as ex:
         assert ex.submit(square, 2).result(timeout=30) == 4
         pids = set(ex._processes)
@@ -314,7 +314,7 @@ def test_unresolvable_reference_fails_only_that_task(monkeypatch, reference, cau
 @pytest.mark.timeout(60)
 def test_nested_class_and_static_method_run_through_references():
     with pool(max_workers=2) as ex:
-        assert codec.fn_info(Outer.Inner.method).reference \
+        assert functions.fn_info(Outer.Inner.method).reference \
             == f"{THIS}:Outer.Inner.method"
         assert ex.submit(Outer.Inner.method, 7).result(timeout=30) == ("static", 21)
         assert ex.submit(Outer.Inner, "v").result(timeout=30) == Outer.Inner("v")
@@ -331,7 +331,7 @@ def test_a_function_rebound_since_its_first_submit_travels_by_value(monkeypatch)
     with pool(max_workers=1) as ex:
         assert ex.submit(original, 1).result(timeout=30) == ("original", 1)
     monkeypatch.setattr(sys.modules[THIS], "rebindable", _replacement)
-    assert codec.function_reference(original) is None  # not a reference any more
+    assert functions.function_reference(original) is None  # not a reference any more
     with pool(max_workers=1) as ex:  # workers forked after the rebinding
         assert ex.submit(original, 2).result(timeout=30) == ("original", 2)
 
@@ -361,8 +361,8 @@ def test_a_call_without_arguments_sends_the_payload_pickled_once(monkeypatch):
     """submit(fn) with no arguments sends the bytes made once per function,
     which are what dumps_plain_call would make every time: it pickles nothing
     (both picklers are made to fail here); the workers run it."""
-    ref = codec.function_reference(os.getpid)
-    info = codec.fn_info(os.getpid)
+    ref = functions.function_reference(os.getpid)
+    info = functions.fn_info(os.getpid)
     assert info.bare_call == codec.dumps_plain_call(ref, (), {}, 8000)
     assert pickle.loads(info.bare_call) == (ref, (), {})
 
@@ -398,7 +398,7 @@ def test_plain_arguments_too_large_for_a_message_still_spill(monkeypatch):
 LAZY_CLOUDPICKLE = """
 import sys
 import mqexecutor
-from mqexecutor import codec
+from mqexecutor import codec, functions
 assert "cloudpickle" not in sys.modules, "import mqexecutor imported cloudpickle"
 assert not codec.by_value_registry()
 import cloudpickle

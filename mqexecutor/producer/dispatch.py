@@ -21,7 +21,7 @@ from typing import Any
 
 import sysv_ipc
 
-from .. import codec, queues, spill
+from .. import codec, functions, queues, spill
 from ..errors import BrokenMQPool
 from ..future import CANCELLED_STATES, DONE_STATES, MQFuture, fail
 from ..protocol import (
@@ -96,6 +96,11 @@ class Dispatcher:
         self.target_credit = 0  # ... and how many more it gets before a new choice
         self.rate_mark = (time.monotonic(), 0)
         self.busy_mark = (0, 0.0)  # tasks, seconds reported by workers
+        #: Digest -> reference of the files holding the pickles of functions
+        #: sent by value (functions.ByValue). Only for a private queue without
+        #: journal: the files go with this producer, so must its tasks.
+        self.by_value_files: dict[str, str] | None = (
+            None if res.explicit_key or self.durable else {})
 
     # -- submit ------------------------------------------------------------------
     def check_open(self) -> None:
@@ -134,7 +139,7 @@ class Dispatcher:
         res = self.res
         if retries is None:
             retries = self.retries
-        info = codec.fn_info(fn)
+        info = functions.fn_info(fn)
         prefix = info.prefix
         fut = MQFuture(0, info.name, self.lock)
         keep = retries > 0 or self.durable
@@ -144,10 +149,15 @@ class Dispatcher:
                 and not codec.by_value_registry()):
             call = info.reference  # made once; still names this very function
             task_flags |= F_FN_REF
+        elif info.by_value and self.by_value_files is not None:
+            ref = self.by_value_reference(info, fn)
+            if ref is not None:
+                call = ref  # its pickle, made once, in a file of this pool
+                task_flags |= F_FN_REF
         room = res.inline_max - len(prefix)
         body = None
         if task_flags & F_FN_REF:
-            if not args and not kwargs and len(info.bare_call) <= room:
+            if not args and not kwargs and call is info.reference and len(info.bare_call) <= room:
                 body = info.bare_call
             else:
                 body = codec.dumps_plain_call(call, args, kwargs, room)
@@ -202,6 +212,29 @@ class Dispatcher:
             if len(self.backlog) == 1:
                 res.wake()
         return fut
+
+    def by_value_reference(self, info: functions.FnInfo, fn: Callable) -> str | None:
+        """The reference of ``fn``'s pickle by value (``"@"`` and the spill
+        reference of its file in this pool's directory, written once per
+        content); None when it is pickled with each call instead (it could
+        not be pickled: the caller's pickling reports why; or what it refers
+        to keeps changing)."""
+        try:
+            value = info.value(fn)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - dumps() below raises it again for the Future
+            return None
+        if value is None:
+            return None
+        files = self.by_value_files
+        assert files is not None
+        ref = files.get(value.digest)
+        if ref is None:
+            try:
+                ref = functions.BY_VALUE_PREFIX + spill.write(self.res.subdir, value.data)
+            except OSError:
+                return None
+            files[value.digest] = ref
+        return ref
 
     def choose_target(self, size: int) -> int:
         """Targeted mode, lock held: the worker for a task of ``size`` body

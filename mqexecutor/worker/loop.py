@@ -28,7 +28,7 @@ from typing import Any
 
 import sysv_ipc
 
-from .. import codec, context, deadletter, external, outbox, queues, spill
+from .. import codec, context, deadletter, external, functions, outbox, queues, spill
 from ..codec import PLAIN_TYPES, PROTOCOL
 from ..config import PoolConfig
 from ..limits import msgmax
@@ -337,7 +337,7 @@ class TaskWorker:
                 else:
                     fn, args, kwargs = pickle.loads(payload)
                 if flags & F_FN_REF:
-                    fn = codec.load_function(fn)
+                    fn = functions.load_function(fn)
             except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
                 status, outcome = Status.BAD_TASK, (exc, format_exc(exc))
                 self.reject(raw, f"task {task_id} could not be read: "
