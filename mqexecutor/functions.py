@@ -30,7 +30,7 @@ from .codec import PROTOCOL
 from .protocol import task_body
 
 __all__ = ["FnInfo", "fn_info", "fn_name", "function_reference", "holder", "load_function",
-           "ByValue", "BY_VALUE_PREFIX"]
+           "ByValue", "BY_VALUE_PREFIX", "by_value_file", "load_by_value"]
 
 
 #: Callables that pickle as a reference (module and qualified name), never state.
@@ -114,31 +114,33 @@ class ByValue:
         Whatever pickling raises (the caller then pickles the call as before).
     """
 
-    __slots__ = ("data", "digest", "checks")
+    __slots__ = ("data", "digest", "attributes", "names", "cells")
 
     def __init__(self, fn: types.FunctionType):
-        checks: list[tuple] = []
-        _dependencies(fn, checks, set())
-        self.checks = checks
+        #: (function, attribute, object), (namespace, name, object),
+        #: (cell, object): what the pickle depends on, compared by identity.
+        self.attributes: list[tuple[Any, str, Any]] = []
+        self.names: list[tuple[dict, str, Any]] = []
+        self.cells: list[tuple[Any, Any]] = []
+        _dependencies(fn, self, set())
         self.data = codec.dumps_by_value(fn)
         self.digest = hashlib.blake2b(self.data, digest_size=16).hexdigest()
 
     def current(self) -> bool:
         """Whether the pickle still is what pickling the function would give
         (as far as object identities tell)."""
-        for kind, holder_, key, value in self.checks:
-            if kind == 0:  # a name in a namespace
-                if holder_.get(key, _MISSING) is not value:
+        for holder_, attr, value in self.attributes:
+            if getattr(holder_, attr) is not value:
+                return False
+        for namespace, name, value in self.names:
+            if namespace.get(name, _MISSING) is not value:
+                return False
+        for cell, value in self.cells:
+            try:
+                if cell.cell_contents is not value:
                     return False
-            elif kind == 1:  # an attribute of a function
-                if getattr(holder_, key) is not value:
-                    return False
-            else:  # a closure cell
-                try:
-                    if holder_.cell_contents is not value:
-                        return False
-                except ValueError:  # emptied
-                    return False
+            except ValueError:  # emptied
+                return False
         return True
 
 
@@ -158,31 +160,31 @@ def _by_value(obj: Any) -> bool:
     return type(obj) is types.FunctionType and function_reference(obj) is None
 
 
-def _dependencies(fn: types.FunctionType, checks: list, seen: set[int]) -> None:
-    """Append to ``checks`` what the pickle of ``fn`` depends on (see ByValue)."""
+def _dependencies(fn: types.FunctionType, value: ByValue, seen: set[int]) -> None:
+    """Record in ``value`` what the pickle of ``fn`` depends on (see ByValue)."""
     if id(fn) in seen:
         return
     seen.add(id(fn))
     for attr in ("__code__", "__defaults__", "__kwdefaults__", "__dict__"):
-        checks.append((1, fn, attr, getattr(fn, attr)))
-    for key, value in fn.__dict__.items():  # attributes set on the function
-        checks.append((0, fn.__dict__, key, value))
+        value.attributes.append((fn, attr, getattr(fn, attr)))
+    for key, obj in fn.__dict__.items():  # attributes set on the function
+        value.names.append((fn.__dict__, key, obj))
     names: set[str] = set()
     _code_names(fn.__code__, names)
     globals_ = fn.__globals__
     for name in sorted(names):
-        value = globals_.get(name, _MISSING)
-        checks.append((0, globals_, name, value))
-        if _by_value(value):
-            _dependencies(value, checks, seen)
+        obj = globals_.get(name, _MISSING)
+        value.names.append((globals_, name, obj))
+        if _by_value(obj):
+            _dependencies(obj, value, seen)
     for cell in fn.__closure__ or ():
         try:
-            value = cell.cell_contents
+            obj = cell.cell_contents
         except ValueError:  # not filled yet
-            value = _MISSING
-        checks.append((2, cell, "", value))
-        if _by_value(value):
-            _dependencies(value, checks, seen)
+            obj = _MISSING
+        value.cells.append((cell, obj))
+        if _by_value(obj):
+            _dependencies(obj, value, seen)
 
 
 class FnInfo:
@@ -252,9 +254,11 @@ def fn_info(fn: Any) -> FnInfo:
     callable alive: not a bound method's instance, nor a closure's cells, once
     its tasks are done (CPython bpo-16284)."""
     try:
-        return _INFOS[fn]
-    except (KeyError, TypeError):
-        pass
+        info = _INFOS.get(fn)
+    except TypeError:  # unhashable
+        info = None
+    if info is not None:
+        return info
     if type(fn) is types.FunctionType:
         info = _VALUE_INFOS.get(fn)
         if info is not None:
@@ -269,19 +273,35 @@ def fn_info(fn: Any) -> FnInfo:
     return info
 
 
-#: Start of a by-value function's reference in a task: ``"@"`` and the spill
-#: reference of its pickle's file (told from ``"module:qualname"``).
+#: Start of a by-value function's reference in a task: ``"@<root>:<name>"``,
+#: its pickle's file in the producer's spill sub-directory (told from
+#: ``"module:qualname"``; the worker knows the producer from the header).
 BY_VALUE_PREFIX = "@"
-_BY_VALUE: dict[str, Any] = {}  # worker side: by-value reference -> function
+_BY_VALUE: dict[str, Any] = {}  # worker side: spill reference -> function
 
 
-def _load_by_value(reference: str) -> Any:
-    fn = _BY_VALUE.get(reference)
+def by_value_file(digest: str) -> str:
+    """The file name of a by-value pickle of ``digest`` (ByValue.digest)."""
+    return "f" + digest[:24]
+
+
+def load_by_value(reference: str, subdir: str) -> Any:
+    """The function of a by-value reference (``"@<root>:<name>"``) of the
+    producer whose spill sub-directory is ``subdir``: unpickled once per file
+    and kept (the worker side).
+
+    Raises:
+        spill.SpillError: a bad reference, or the file is gone.
+        What unpickling raises.
+    """
+    root, _, name = reference[1:].partition(":")
+    ref = f"{root}:{subdir}/{name}"
+    fn = _BY_VALUE.get(ref)
     if fn is None:
-        fn = spill.load(reference[1:], pickle.loads, unlink=False)
+        fn = spill.load(ref, pickle.loads, unlink=False)
         if len(_BY_VALUE) >= 256:
             _BY_VALUE.clear()
-        _BY_VALUE[reference] = fn
+        _BY_VALUE[ref] = fn
     return fn
 
 
@@ -291,16 +311,13 @@ _FUNCTIONS: dict[str, tuple[Any, str, Any]] = {}  # reference -> (owner, name, f
 def load_function(reference: str) -> Any:
     """Inverse of :func:`function_reference`, cached (the worker side): imports
     the module and looks the qualified name up, as unpickling would (again when
-    the name was rebound since); a by-value reference (``"@" + the spill
-    reference of its pickle``) is unpickled once per file and kept.
+    the name was rebound since). A by-value reference goes to
+    :func:`load_by_value` instead.
 
     Raises:
         TypeError: ``reference`` is not a ``"module:qualname"`` string.
         ImportError, AttributeError: the module or the name does not exist here.
-        spill.SpillError, and what unpickling raises: a by-value reference.
     """
-    if reference[:1] == BY_VALUE_PREFIX:
-        return _load_by_value(reference)
     hit = _FUNCTIONS.get(reference)  # type: ignore[arg-type]
     if hit is not None and getattr(hit[0], hit[1], None) is hit[2]:
         return hit[2]

@@ -221,13 +221,16 @@ def _write_all(fd: int, data: memoryview) -> None:
         view = view[written:]
 
 
-def write(subdir: str, pickled: bytes, buffers: Sequence[memoryview] = ()) -> str:
+def write(subdir: str, pickled: bytes, buffers: Sequence[memoryview] = (),
+          name: str | None = None) -> str:
     """Write one payload to a new spill file and return its reference.
 
     Args:
         subdir: sub-directory name (``producer_subdir`` or ``key_subdir``).
         pickled: the pickle stream (protocol 5).
         buffers: contiguous out-of-band buffers of that pickle, in order.
+        name: the file's name (``[A-Za-z0-9_.-]``, no ``..``); default: a
+            random one. A file of that name already there is an error.
 
     Returns:
         str: the reference ``"<root>:<subdir>/<name>"`` to put in the message.
@@ -236,6 +239,8 @@ def write(subdir: str, pickled: bytes, buffers: Sequence[memoryview] = ()) -> st
         SpillError / OSError: the file could not be created or written on any root
         (e.g. every file system is full).
     """
+    if name is not None and (not _NAME_RE.fullmatch(name) or ".." in name):
+        raise SpillError(errno.EINVAL, f"bad spill file name {name!r}")
     import secrets  # here: with hmac and hashlib, 4 ms of import that few pools need
     lengths = [b.nbytes for b in buffers]
     total = len(pickled) + sum(lengths) + 64 * (len(lengths) + 2)
@@ -243,8 +248,8 @@ def write(subdir: str, pickled: bytes, buffers: Sequence[memoryview] = ()) -> st
     last_error: Exception | None = None
     for index in range(first, len(spill_roots())):
         directory = ensure_subdir(index, subdir)
-        name = secrets.token_hex(12) + ".spill"
-        path = os.path.join(directory, name)
+        filename = name or secrets.token_hex(12) + ".spill"
+        path = os.path.join(directory, filename)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
         try:
@@ -271,7 +276,7 @@ def write(subdir: str, pickled: bytes, buffers: Sequence[memoryview] = ()) -> st
                 continue
             raise
         os.close(fd)
-        return f"{index}:{subdir}/{name}"
+        return f"{index}:{subdir}/{filename}"
     raise SpillError(errno.ENOSPC, f"no spill root had room for {total} bytes: {last_error}")
 
 

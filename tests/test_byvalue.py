@@ -7,13 +7,14 @@ workers keep the copy they got), as documented in docs/guide.md."""
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import pytest
 
-from mqexecutor import functions
+from mqexecutor import functions, spill
 
-from .helpers import REPO, pool, run_script, spill_files_of
+from .helpers import REPO, pool, producer_subdir, run_script
 from .test_notebook import kernel_manager  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(60)
@@ -105,13 +106,21 @@ def test_a_pool_writes_one_file_per_function_content(tmp_path):
     namespace: dict = {"__name__": "__main__"}
     exec("def twice(v):\n    return 2 * v\n", namespace)
     twice = namespace["twice"]
+    def function_files(ex):
+        return [p for p in spill.list_files(producer_subdir(ex))
+                if os.path.basename(p).startswith("f")]
+
     with pool(max_workers=2) as ex:
-        before = len(spill_files_of(ex))
+        assert function_files(ex) == []
         assert [f.result(timeout=30) for f in [ex.submit(twice, i) for i in range(50)]] \
             == [2 * i for i in range(50)]
-        assert len(spill_files_of(ex)) == before + 1
+        assert len(function_files(ex)) == 1
         assert list(ex.map(twice, range(5))) == [0, 2, 4, 6, 8]
-        assert len(spill_files_of(ex)) == before + 1
+        assert len(function_files(ex)) == 1
+        namespace["twice"] = lambda v: v  # a new object under its name: a new pickle
+        exec("def thrice(v):\n    return twice(v) * 3\n", namespace)
+        assert ex.submit(namespace["thrice"], 2).result(timeout=30) == 6
+        assert len(function_files(ex)) == 2
 
 
 NOTEBOOK_CELLS = [

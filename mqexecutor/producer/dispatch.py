@@ -214,11 +214,11 @@ class Dispatcher:
         return fut
 
     def by_value_reference(self, info: functions.FnInfo, fn: Callable) -> str | None:
-        """The reference of ``fn``'s pickle by value (``"@"`` and the spill
-        reference of its file in this pool's directory, written once per
-        content); None when it is pickled with each call instead (it could
-        not be pickled: the caller's pickling reports why; or what it refers
-        to keeps changing)."""
+        """The reference of ``fn``'s pickle by value (``"@<root>:<name>"``, a
+        file in this pool's spill directory written once per content); None
+        when it is pickled with each call instead (it could not be pickled:
+        the caller's pickling reports why; or what it refers to keeps
+        changing)."""
         try:
             value = info.value(fn)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - dumps() below raises it again for the Future
@@ -229,10 +229,14 @@ class Dispatcher:
         assert files is not None
         ref = files.get(value.digest)
         if ref is None:
+            name = functions.by_value_file(value.digest)
             try:
-                ref = functions.BY_VALUE_PREFIX + spill.write(self.res.subdir, value.data)
+                written = spill.write(self.res.subdir, value.data, name=name)
+            except FileExistsError:  # written by another thread meanwhile
+                return None
             except OSError:
                 return None
+            ref = f"{functions.BY_VALUE_PREFIX}{written.partition(':')[0]}:{name}"
             files[value.digest] = ref
         return ref
 

@@ -31,6 +31,7 @@ import sysv_ipc
 from .. import codec, context, deadletter, external, functions, outbox, queues, spill
 from ..codec import PLAIN_TYPES, PROTOCOL
 from ..config import PoolConfig
+from ..functions import BY_VALUE_PREFIX
 from ..limits import msgmax
 from ..protocol import (
     F_BATCH,
@@ -337,7 +338,10 @@ class TaskWorker:
                 else:
                     fn, args, kwargs = pickle.loads(payload)
                 if flags & F_FN_REF:
-                    fn = functions.load_function(fn)
+                    if fn[:1] == BY_VALUE_PREFIX:
+                        fn = functions.load_by_value(fn, self.subdir(pid, token))
+                    else:
+                        fn = functions.load_function(fn)
             except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
                 status, outcome = Status.BAD_TASK, (exc, format_exc(exc))
                 self.reject(raw, f"task {task_id} could not be read: "
