@@ -3,11 +3,23 @@
 Invoked by run.py as ``python child.py '<json spec>'``; never needs to be run by
 hand. A fresh process per measurement keeps state (memory, warm caches, loky's
 reusable executor) from leaking between executor kinds, and makes the peak RSS
-of ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` belong to one configuration.
+of the process belong to one configuration.
+
+The task functions of the default figures, ``inc`` and ``ident``, are defined
+here, so that in this process they are functions of ``__main__``: what a script
+or a notebook submits, and what executors cannot pickle by reference the way
+they do a module's function. Spec ``"fn": "module"`` uses the same functions
+imported from workload.py instead (the "module functions" table).
+
+ProcessPoolExecutor with forkserver or spawn, and multiprocessing.Pool where
+that is the default, re-import this file in their workers as ``__mp_main__`` to
+find ``__main__.inc``: nothing below runs on import but definitions (main() is
+behind ``if __name__ == "__main__"``).
 
 The last stdout line starting with ``BENCH_RESULT `` holds the result. The SysV
-queue ids a pool created are written to ``spec["ids_file"]`` as soon as it
-exists, so that run.py can remove them if this process has to be killed.
+queue ids a pool created (and the pid of a Jupyter kernel started for the
+notebook figure) are written to ``spec["ids_file"]`` as soon as they exist, so
+that run.py can remove them if this process has to be killed.
 """
 from __future__ import annotations
 
@@ -19,12 +31,37 @@ import resource
 import sys
 import time
 
-import adapters
-import workload
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # imported from a Jupyter kernel (nbbench.py)
+    sys.path.insert(0, HERE)
+
+import adapters  # noqa: E402
+import workload  # noqa: E402
 
 perf = time.perf_counter
 
 
+# -- the task functions of the default figures (functions of __main__ here) ----------
+def inc(x):
+    """submit, latency and map: one argument, one result."""
+    return x + 1
+
+
+def ident(x):
+    """The array round trip: returns its argument."""
+    return x
+
+
+def functions(which: str) -> dict:
+    """The task functions of spec["fn"]: "main" (this file's) or "module"."""
+    if which == "module":
+        return {"inc": workload.inc, "ident": workload.ident}
+    if which == "main":
+        return {"inc": inc, "ident": ident}
+    raise ValueError(f"unknown function set {which!r}")
+
+
+# -- memory -------------------------------------------------------------------------
 def rss_mb() -> float:
     """Current resident set size of this process, in MiB."""
     with open("/proc/self/status") as f:
@@ -53,19 +90,65 @@ def ru_maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# -- what run.py must clean up if this process dies --------------------------------------
+def record_ids(path: str | None, queues: list[int] = (), pids: list[int] = ()) -> None:
+    """Add SysV queue ids and process-group leaders (a Jupyter kernel) to the
+    ids file: ``{"queues": [...], "pids": [...]}``."""
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data["queues"] = sorted(set(data.get("queues", [])) | set(queues))
+    data["pids"] = sorted(set(data.get("pids", [])) | set(pids))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read_ids(path: str | None) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {"queues": data}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
 def started(ad: adapters.Adapter, spec: dict, workers: int) -> None:
     ad.start(workers)
-    path = spec.get("ids_file")
-    if path:
-        ids = ad.queue_ids()
-        with open(path, "w") as f:
-            json.dump(ids, f)
+    record_ids(spec.get("ids_file"), queues=ad.queue_ids())
 
 
-def warm_up(ad: adapters.Adapter, workers: int) -> None:
-    """Make sure every worker is up before anything is timed."""
-    hs = [ad.submit(workload.noop) for _ in range(4 * workers)]
+def warm_up(ad: adapters.Adapter, workers: int, fn) -> None:
+    """Make sure every worker is up, and has run ``fn``, before anything is timed."""
+    hs = [ad.submit(fn, i) for i in range(4 * workers)]
     ad.wait_all(hs, 120)
+    check_values(ad, hs, 0)
+
+
+def check_values(ad: adapters.Adapter, hs: list, first: int) -> None:
+    """The tasks ``inc(first), inc(first + 1), ...`` behind ``hs`` all returned
+    their argument + 1 (after wait_all)."""
+    failed = ad.errors(hs)
+    if failed:
+        bad = next(h for h in hs if (ad.errors([h])))
+        try:
+            ad.value(bad)
+        except BaseException as exc:  # noqa: BLE001 - reported, not raised as is
+            raise RuntimeError(f"{failed} of {len(hs)} tasks failed; the first with "
+                               f"{type(exc).__name__}: {exc}") from exc
+        raise RuntimeError(f"{failed} of {len(hs)} tasks failed")
+    n = len(hs)
+    total = sum(map(ad.value, hs))
+    expected = n * (2 * first + n + 1) // 2
+    if total != expected:
+        raise RuntimeError(f"wrong results: sum {total}, expected {expected}")
 
 
 def percentile(sorted_values: list, q: float) -> float:
@@ -76,35 +159,43 @@ def percentile(sorted_values: list, q: float) -> float:
     return sorted_values[k]
 
 
+def latency_stats(samples_ns: list[int]) -> dict:
+    samples_ns = sorted(samples_ns)
+    us = [s / 1000 for s in samples_ns]
+    return {"median_us": percentile(us, 50), "p99_us": percentile(us, 99),
+            "min_us": us[0], "max_us": us[-1], "mean_us": sum(us) / len(us)}
+
+
 # -- measurements ------------------------------------------------------------------
-def m_throughput(ad: adapters.Adapter, spec: dict) -> dict:
-    """No-op tasks: submit all then wait (method "submit"), or consume
-    map(noop1, range(n), chunksize) (method "map"). Reports tasks/s and the
-    process's peak RSS."""
+def m_throughput(ad: adapters.Adapter, spec: dict, fns: dict) -> dict:
+    """``inc(i)`` for i in range(n): submit all then wait (method "submit"), or
+    consume map(inc, range(n), chunksize) (method "map"). Reports tasks/s and
+    the process's peak RSS; every result is checked after the clock stops."""
     w, n, method = spec["workers"], spec["n"], spec.get("method", "submit")
+    fn = fns["inc"]
     base = rss_mb()
     started(ad, spec, w)
-    warm_up(ad, w)
+    warm_up(ad, w, fn)
     gc.collect()
     out: dict = {}
     if method == "submit":
-        noop = workload.noop
         submit = ad.submit
         t0 = perf()
-        hs = [submit(noop) for _ in range(n)]
+        hs = [submit(fn, i) for i in range(n)]
         t1 = perf()
         ad.wait_all(hs, spec.get("task_timeout", 600))
         t2 = perf()
-        out["errors"] = ad.errors(hs)
+        check_values(ad, hs, 0)
         out["submit_tps"] = n / (t1 - t0)
         del hs
     elif method == "map":
         t0 = perf()
-        counter = collections.deque(
-            enumerate(ad.map(workload.noop1, range(n), spec["chunksize"]), 1), maxlen=1)
+        last = collections.deque(enumerate(ad.map(fn, range(n), spec["chunksize"]), 1),
+                                 maxlen=1)
         t2 = perf()
-        done = counter[0][0] if counter else 0
-        out["errors"] = n - done
+        if not last or last[0] != (n, n):
+            raise RuntimeError(f"map returned {last[0] if last else None} last, "
+                               f"expected {(n, n)}")
     else:
         raise ValueError(method)
     out["tps"] = n / (t2 - t0)
@@ -116,63 +207,67 @@ def m_throughput(ad: adapters.Adapter, spec: dict) -> dict:
     return out
 
 
-def m_latency(ad: adapters.Adapter, spec: dict) -> dict:
-    """Sequential submit(noop).result() calls: median, p99 (microseconds)."""
+def m_latency(ad: adapters.Adapter, spec: dict, fns: dict) -> dict:
+    """Sequential submit(inc, i).result() calls: median, p99 (microseconds)."""
     w, n = spec["workers"], spec["n"]
+    fn = fns["inc"]
     started(ad, spec, w)
-    warm_up(ad, w)
-    for _ in range(spec.get("warmup", 100)):
-        ad.result(ad.submit(workload.noop), 60)
+    warm_up(ad, w, fn)
+    submit, result = ad.submit, ad.result
+    for i in range(spec.get("warmup", 100)):
+        result(submit(fn, i), 60)
     samples = []
-    noop, submit, result = workload.noop, ad.submit, ad.result
+    wrong = 0
     ns = time.perf_counter_ns
-    for _ in range(n):
+    for i in range(n):
         t0 = ns()
-        result(submit(noop), 60)
+        r = result(submit(fn, i), 60)
         samples.append(ns() - t0)
+        if r != i + 1:
+            wrong += 1
     ad.shutdown()
-    samples.sort()
-    us = [s / 1000 for s in samples]
-    return {"median_us": percentile(us, 50), "p99_us": percentile(us, 99),
-            "min_us": us[0], "max_us": us[-1], "mean_us": sum(us) / len(us)}
+    if wrong:
+        raise RuntimeError(f"{wrong} of {n} results were wrong")
+    return latency_stats(samples)
 
 
-def m_map(ad: adapters.Adapter, spec: dict) -> dict:
-    """Throughput of consuming map(noop1, range(n), chunksize) for each
+def m_map(ad: adapters.Adapter, spec: dict, fns: dict) -> dict:
+    """Throughput of consuming map(inc, range(n), chunksize) for each
     (chunksize, n) pair of spec["maps"], on one pool."""
     w = spec["workers"]
+    fn = fns["inc"]
     started(ad, spec, w)
-    warm_up(ad, w)
-    collections.deque(ad.map(workload.noop1, range(1000), 10), maxlen=0)
+    warm_up(ad, w, fn)
+    collections.deque(ad.map(fn, range(1000), 10), maxlen=0)
     out = {}
     for cs, n in spec["maps"]:
         gc.collect()
         t0 = perf()
-        counter = collections.deque(enumerate(ad.map(workload.noop1, range(n), cs), 1),
-                                    maxlen=1)
+        last = collections.deque(enumerate(ad.map(fn, range(n), cs), 1), maxlen=1)
         dt = perf() - t0
-        if not counter or counter[0][0] != n:
-            raise RuntimeError(f"map(chunksize={cs}) returned {counter[0][0] if counter else 0}"
-                               f" items instead of {n}")
+        if not last or last[0] != (n, n):
+            raise RuntimeError(f"map(chunksize={cs}) ended on {last[0] if last else None}"
+                               f" instead of {(n, n)}")
         out[f"cs{cs}_tps"] = n / dt
     ad.shutdown()
     return out
 
 
-def m_array(ad: adapters.Adapter, spec: dict) -> dict:
+def m_array(ad: adapters.Adapter, spec: dict, fns: dict) -> dict:
     """A float64 ndarray of spec["mb"] MiB passed as argument and returned."""
     import numpy as np
     w, mb, rounds = spec["workers"], spec["mb"], spec["rounds"]
+    fn = fns["ident"]
     arr = np.arange(mb * 2**20 // 8, dtype=np.float64)
     started(ad, spec, w)
-    warm_up(ad, w)
+    warm_up(ad, w, fns["inc"])
     small = np.ones(2**17)
-    ad.result(ad.submit(workload.ident, small), 120)
+    ad.result(ad.submit(fn, small), 120)
     times = []
     for i in range(rounds):
         gc.collect()
         t0 = perf()
-        back = ad.result(ad.submit(workload.ident, arr), 300)
+        back = ad.result(ad.submit(fn, arr), 300)
         times.append(perf() - t0)
         if i == 0:
             if not np.array_equal(back, arr):
@@ -186,20 +281,53 @@ def m_array(ad: adapters.Adapter, spec: dict) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
-def m_startup(ad: adapters.Adapter, spec: dict) -> dict:
-    """Constructor to first result, then shutdown() of the idle pool (seconds).
-    The library is imported before the clock starts (import_s reports it)."""
+def m_startup(ad: adapters.Adapter, spec: dict, fns: dict) -> dict:
+    """Constructor to first result of ``inc(1)``, then shutdown() of the idle
+    pool (seconds). The library is imported before the clock starts (import_s
+    reports it). With spec["threaded"], a thread of this process's own waits
+    on an Event from before the constructor until after shutdown: a notebook
+    kernel or a server has threads, and then mqexecutor's manager process is
+    a fresh interpreter instead of a fork of this one."""
+    import threading
     w = spec["workers"]
     t = perf()
     ad.preload()
     import_s = perf() - t
+    stop = threading.Event()
+    idle = None
+    if spec.get("threaded"):
+        idle = threading.Thread(target=stop.wait, name="bench-idle", daemon=True)
+        idle.start()
     t0 = perf()
     started(ad, spec, w)
-    ad.result(ad.submit(workload.noop), 120)
+    value = ad.result(ad.submit(fns["inc"], 1), 120)
     t1 = perf()
     ad.shutdown()
     t2 = perf()
+    stop.set()
+    if idle is not None:
+        idle.join()
+    if value != 2:
+        raise RuntimeError(f"inc(1) returned {value!r}")
     return {"startup_s": t1 - t0, "shutdown_s": t2 - t1, "import_s": import_s}
+
+
+def m_raw(spec: dict) -> dict:
+    """The raw sysv_ipc ping-pong (pingpong.py) for the throughput and latency
+    specs: round trips/s with a window of messages in flight, or the round
+    trip of one message at a time."""
+    import pingpong
+    pp = pingpong.PingPong(lambda ids: record_ids(spec.get("ids_file"), queues=ids))
+    try:
+        if spec["measure"] == "throughput":
+            n = spec["n"]
+            dt = pp.pipelined(n)
+            return {"tps": n / dt, "elapsed_s": dt}
+        if spec["measure"] == "latency":
+            return latency_stats(pp.sequential(spec["n"]))
+        raise ValueError(f"the raw ping-pong has no {spec['measure']!r} measure")
+    finally:
+        pp.close()
 
 
 MEASURES = {"throughput": m_throughput, "latency": m_latency, "map": m_map,
@@ -221,27 +349,40 @@ def remove_queues(ids: list[int]) -> None:
 def main() -> None:
     import faulthandler
     import signal
-    # run.py sends SIGUSR1 before killing a child that hangs: stacks go to stderr.
+    # run.py sends SIGUSR1 before killing a child that hangs: stacks to stderr.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     spec = json.loads(sys.argv[1])
-    ad = adapters.make(spec["kind"])
-    if spec["measure"] != "startup":
-        ad.preload()
+    kind = spec.get("kind")
+    fns = functions(spec.get("fn", "main"))
+    if spec.get("fn", "main") == "main":
+        # What the default figures claim: the functions belong to __main__.
+        assert fns["inc"].__module__ == "__main__", fns["inc"].__module__
+    ad = None
     t = perf()
     try:
-        out = MEASURES[spec["measure"]](ad, spec)
+        if spec["measure"] == "notebook":
+            import nbbench
+            out = nbbench.run(spec)
+        elif kind in adapters.RAW_KINDS:
+            out = m_raw(spec)
+        else:
+            ad = adapters.make(kind)
+            if spec["measure"] != "startup":
+                ad.preload()
+            out = MEASURES[spec["measure"]](ad, spec, fns)
     except BaseException as exc:  # noqa: BLE001 - report, clean up, exit hard
         import traceback
         err = {"error": f"{type(exc).__name__}: {exc}",
-               "traceback": traceback.format_exc(), "diagnostics": ad.diagnostics()}
-        ids = ad.queue_ids() if getattr(ad, "ex", None) is not None else []
-        ad.abort()
-        remove_queues(ids)
+               "traceback": traceback.format_exc(),
+               "diagnostics": ad.diagnostics() if ad is not None else {}}
+        if ad is not None:
+            ad.abort()
+        remove_queues(read_ids(spec.get("ids_file")).get("queues", []))
         print("BENCH_ERROR " + json.dumps(err, default=repr), flush=True)
         sys.stderr.flush()
         os._exit(3)
     out["wall_s"] = perf() - t
-    out["describe"] = ad.describe()
+    out["describe"] = ad.describe() if ad is not None else {}
     sys.stdout.flush()
     print("BENCH_RESULT " + json.dumps(out), flush=True)
 

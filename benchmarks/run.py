@@ -1,24 +1,37 @@
 #!/usr/bin/env python3
-"""Benchmark suite of mqexecutor: one command, every executor, same run.
+"""Benchmark suite of mqexecutor: one command, every executor, every Python, same run.
 
-    python benchmarks/run.py              # full run (~10-15 min on 2 cores)
-    python benchmarks/run.py --quick      # smoke run, < 1 min, docs untouched
+    python benchmarks/run.py                          # full run, this Python and 3.14
+    python benchmarks/run.py --quick                  # smoke run, docs untouched
+    python benchmarks/run.py --pythons 3.11,3.14      # the Pythons to measure on
 
 Compares, with the same worker count (``--workers``, default 2), mqexecutor in
-targeted (mode 2) and preemptive (mode 3) mode, ProcessPoolExecutor, loky's
-reusable executor and multiprocessing.Pool on:
+targeted (mode 2) and preemptive (mode 3) mode, ProcessPoolExecutor with the
+forkserver start method (the baseline of every ratio: Python 3.14's default)
+and with fork (Linux's default before 3.14), loky's reusable executor,
+multiprocessing.Pool, and a raw sysv_ipc ping-pong (the transport's limit) on:
 
-  submit    no-op throughput, submit all then wait (100k tasks)
-  latency   one submit(...).result(): median and p99 over 2,000 sequential calls
-  map       map throughput with chunksize 1 and 100
-  array     a 100 MiB ndarray passed as argument and returned (s per round trip)
-  startup   constructor to first result, then shutdown of the idle pool
+  submit    throughput of inc(i), submit all then wait (100k tasks)
+  latency   one submit(inc, i).result(): median and p99 over 2,000 sequential calls
+  map       map(inc, ...) throughput with chunksize 1 and 100
+  array     a 100 MiB ndarray passed to ident() and returned (s per round trip)
+  startup   constructor to first result, then shutdown of the idle pool; in a
+            fresh process, and in one that has a thread of its own
+  module    submit and latency again, the functions imported from a module
+  notebook  submit and latency inside a Jupyter kernel (nbclient), functions
+            defined in a cell, against ProcessPoolExecutor in the same kernel
   workers   throughput with 1, 2, 4, 8 workers
   tasks     throughput and the parent's peak RSS with 1k, 10k, 100k, 1M tasks
 
-Every measurement of every executor kind runs in a fresh subprocess (child.py),
-``--repeat`` times, executor kinds interleaved; the report gives the median,
-min-max and the ratio of medians to ProcessPoolExecutor. Output: raw JSON in
+The task functions are defined in child.py's own ``__main__`` and take one
+argument (``inc(i)`` returns i + 1, ``ident(a)`` returns a), except in the
+"module" figure. Every measurement of every executor kind runs in a fresh
+subprocess (child.py), ``--repeat`` times, executor kinds interleaved; the report
+gives the median, min-max and the ratios of medians to ProcessPoolExecutor.
+
+Each Python of ``--pythons`` runs the whole plan in turn: this interpreter's
+version here, any other through ``with-python`` (a Debian unstable chroot, see
+.ci/with-python) in a venv of its own made on first use. Output: raw JSON in
 benchmarks/results/, the results section of docs/benchmarks.md (between marker
 comments) and docs/benchmarks.png.
 """
@@ -31,6 +44,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -46,9 +60,16 @@ import adapters  # noqa: E402
 import report  # noqa: E402
 
 CHILD = os.path.join(HERE, "child.py")
+RESULTS = os.path.join(HERE, "results")
+THIS_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+DEFAULT_PYTHONS = [THIS_PYTHON] + (["3.14"] if THIS_PYTHON != "3.14" else [])
 
-FIGURES = ["submit", "latency", "map", "array", "startup", "workers", "tasks"]
+FIGURES = ["submit", "latency", "map", "array", "startup", "module", "notebook",
+           "workers", "tasks"]
 ALIASES = {"scaling": ["workers", "tasks"], "all": FIGURES}
+#: Figures the raw ping-pong has a figure for (round trips/s, round-trip time).
+RAW_FIGURES = ("submit", "latency", "module")
+NOTEBOOK_KINDS = adapters.NOTEBOOK_KINDS
 
 FULL = {
     "submit_n": 100_000,
@@ -56,6 +77,8 @@ FULL = {
     "maps": [(1, 20_000), (100, 1_000_000)],
     "array_mb": 100,
     "array_rounds": 3,
+    "notebook_submit_n": 100_000,
+    "notebook_latency_n": 2000,
     "scale_workers": [1, 2, 4, 8],
     "scale_workers_n": 10_000,
     "scale_tasks": [1000, 10_000, 100_000, 1_000_000],
@@ -69,6 +92,8 @@ QUICK = {
     "maps": [(1, 2000), (100, 100_000)],
     "array_mb": 10,
     "array_rounds": 1,
+    "notebook_submit_n": 5000,
+    "notebook_latency_n": 300,
     "scale_workers": [1, 2, 4, 8],
     "scale_workers_n": 2000,
     "scale_tasks": [1000, 5000, 100_000],
@@ -79,25 +104,35 @@ QUICK = {
 
 
 # -- specs -------------------------------------------------------------------------
-def throughput_spec(cfg: dict, workers: int, n: int, big_method: str) -> dict:
+def throughput_spec(cfg: dict, workers: int, n: int, big_method: str,
+                    fn: str = "main") -> dict:
     if n >= cfg["big_n"] and big_method == "map":
         return {"measure": "throughput", "workers": workers, "n": n, "method": "map",
-                "chunksize": cfg["big_chunksize"]}
-    return {"measure": "throughput", "workers": workers, "n": n, "method": "submit"}
+                "chunksize": cfg["big_chunksize"], "fn": fn}
+    return {"measure": "throughput", "workers": workers, "n": n, "method": "submit",
+            "fn": fn}
 
 
 def figure_specs(fig: str, cfg: dict, workers: int, big_method: str) -> list[dict]:
     if fig == "submit":
         return [throughput_spec(cfg, workers, cfg["submit_n"], "submit")]
     if fig == "latency":
-        return [{"measure": "latency", "workers": workers, "n": cfg["latency_n"]}]
+        return [{"measure": "latency", "workers": workers, "n": cfg["latency_n"], "fn": "main"}]
     if fig == "map":
-        return [{"measure": "map", "workers": workers, "maps": cfg["maps"]}]
+        return [{"measure": "map", "workers": workers, "maps": cfg["maps"], "fn": "main"}]
     if fig == "array":
         return [{"measure": "array", "workers": workers, "mb": cfg["array_mb"],
-                 "rounds": cfg["array_rounds"]}]
+                 "rounds": cfg["array_rounds"], "fn": "main"}]
     if fig == "startup":
-        return [{"measure": "startup", "workers": workers}]
+        return [{"measure": "startup", "workers": workers, "threaded": threaded, "fn": "main"}
+                for threaded in (False, True)]
+    if fig == "module":
+        return [throughput_spec(cfg, workers, cfg["submit_n"], "submit", fn="module"),
+                {"measure": "latency", "workers": workers, "n": cfg["latency_n"],
+                 "fn": "module"}]
+    if fig == "notebook":
+        return [{"measure": "notebook", "workers": workers,
+                 "submit_n": cfg["notebook_submit_n"], "latency_n": cfg["notebook_latency_n"]}]
     if fig == "workers":
         return [throughput_spec(cfg, w, cfg["scale_workers_n"], big_method)
                 for w in cfg["scale_workers"]]
@@ -106,8 +141,17 @@ def figure_specs(fig: str, cfg: dict, workers: int, big_method: str) -> list[dic
     raise ValueError(fig)
 
 
+def applies(kind: str, fig: str, spec: dict) -> bool:
+    """Does executor kind ``kind`` run this spec of figure ``fig``?"""
+    if kind in adapters.RAW_KINDS:
+        return fig in RAW_FIGURES and (spec["measure"] == "latency" or (
+            spec["measure"] == "throughput" and spec.get("method") == "submit"))
+    return True
+
+
 def spec_key(spec: dict) -> str:
-    return json.dumps({k: v for k, v in spec.items() if k != "ids_file"}, sort_keys=True)
+    return json.dumps({k: v for k, v in spec.items()
+                       if k not in ("ids_file", "task_timeout", "order")}, sort_keys=True)
 
 
 def default_timeout(spec: dict) -> float:
@@ -122,10 +166,13 @@ def default_timeout(spec: dict) -> float:
         return 60 + sum(n / (2000 if cs == 1 else 50_000) for cs, n in spec["maps"])
     if m == "array":
         return 60 + spec["rounds"] * spec["mb"] * 0.1
+    if m == "notebook":
+        return 120 + len(spec.get("order", NOTEBOOK_KINDS)) * (
+            30 + spec["submit_n"] / 2000 + spec["latency_n"] * 0.005)
     return 60
 
 
-# -- SysV queues and spill files ------------------------------------------------------
+# -- SysV queues, processes and spill files -----------------------------------------------
 def sysv_queues() -> dict[int, dict]:
     """Message queues of the system: msqid -> {key, uid, qnum, lspid, lrpid}."""
     out: dict[int, dict] = {}
@@ -182,16 +229,54 @@ def remove_queue(qid: int) -> bool:
         return False
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live processes of process group ``pgid`` (zombies excluded)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL process group ``pgid``, if its leader is still that group's."""
+    if not group_members(pgid):
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def read_ids(path: str) -> dict:
+    """The ids file a child writes: {"queues": [...], "pids": [...]}."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {"queues": list(data)}
+
+
 # -- the library under test ---------------------------------------------------------------
-def snapshot_library(ref: str | None, log) -> tuple[str, dict]:
-    """Copy mqexecutor/ (the working tree, or git ``ref``) into a temporary
-    directory that goes first on the children's PYTHONPATH, so that one run
-    measures one version even while the library is being edited.
+def snapshot_library(ref: str | None, log, parent: str) -> tuple[str, dict]:
+    """Copy mqexecutor/ (the working tree, or git ``ref``) into a new directory
+    under ``parent`` that goes first on the children's PYTHONPATH, so that one
+    run measures one version even while the library is being edited (and every
+    Python of the run measures the same one: ``parent`` is inside the project,
+    which with-python mounts).
 
     Returns (directory, description). Retries a working tree that does not
     import (someone is in the middle of an edit) for up to a minute."""
-    import shutil
-    tmp = tempfile.mkdtemp(prefix="mqbench-lib-")
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".lib-", dir=parent)
     src = os.path.join(ROOT, "mqexecutor")
     for attempt in range(20):
         dst = os.path.join(tmp, "mqexecutor")
@@ -203,7 +288,9 @@ def snapshot_library(ref: str | None, log) -> tuple[str, dict]:
         else:
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         check = subprocess.run(
-            [sys.executable, "-c", "import mqexecutor, sys; sys.stdout.write(mqexecutor.__file__)"],
+            [sys.executable, "-c",
+             "import sys; from mqexecutor import MQExecutor; import mqexecutor; "
+             "sys.stdout.write(mqexecutor.__file__)"],
             env=dict(os.environ, PYTHONPATH=tmp), capture_output=True, text=True, cwd=tmp)
         if check.returncode == 0 and check.stdout.startswith(tmp):
             break
@@ -213,13 +300,9 @@ def snapshot_library(ref: str | None, log) -> tuple[str, dict]:
             f" retrying in 3 s: {check.stderr.strip().splitlines()[-1:]}")
         time.sleep(3)
     else:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise SystemExit("the working tree's mqexecutor does not import; "
                          "try --git-ref HEAD or --no-snapshot")
-    # Byte-compiled, as pip does when it installs a package: children import
-    # it as an installed mqexecutor is imported, even under
-    # PYTHONDONTWRITEBYTECODE (which stops writing .pyc files, not reading them).
-    import compileall
-    compileall.compile_dir(os.path.join(tmp, "mqexecutor"), quiet=1)
     desc = {"snapshot": f"git {ref}" if ref else "working tree, copied at the start of the run",
             "snapshot_sources_sha256": sources_hash(os.path.join(tmp, "mqexecutor"))}
     if ref:
@@ -227,6 +310,14 @@ def snapshot_library(ref: str | None, log) -> tuple[str, dict]:
             ["git", "-C", ROOT, "rev-parse", "--short", ref], capture_output=True,
             text=True).stdout.strip()
     return tmp, desc
+
+
+def compile_library(lib_dir: str) -> None:
+    """Byte-compile the snapshot for this Python, as pip does when it installs a
+    package: children import it as an installed mqexecutor is imported, even
+    under PYTHONDONTWRITEBYTECODE (which stops writing .pyc files, not reading them)."""
+    import compileall
+    compileall.compile_dir(os.path.join(lib_dir, "mqexecutor"), quiet=1)
 
 
 # -- running one child -----------------------------------------------------------------
@@ -256,6 +347,8 @@ def run_child(spec: dict, timeout: float, log) -> dict:
             time.sleep(1.0)
         except ProcessLookupError:
             pass
+        for pid in read_ids(ids_file).get("pids", []):
+            kill_group(pid)  # a Jupyter kernel: its own session, with its pools
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # the child and its workers
         except ProcessLookupError:
@@ -282,25 +375,31 @@ def run_child(spec: dict, timeout: float, log) -> dict:
         rec["error"] = error
     if status != "ok":
         rec["stderr"] = err[-6000:]
-    # Leaks: the queues this child's pool created must be gone, and its spill dir.
+    # Leaks: the queues this child's pools created must be gone, and its spill
+    # dirs, and every process of its process group (and of a kernel's).
     leaks: dict = {}
-    try:
-        with open(ids_file) as f:
-            ids = json.load(f)
-    except (OSError, ValueError):
-        ids = []
-    finally:
+    ids = read_ids(ids_file)
+    for path in (ids_file, ids_file + ".tmp"):
         try:
-            os.unlink(ids_file)
+            os.unlink(path)
         except OSError:
             pass
-    alive = [q for q in ids if q in sysv_queues()]
+    groups = [proc.pid] + list(ids.get("pids", []))
+    deadline = time.monotonic() + 3
+    while any(group_members(g) for g in groups) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = {g: group_members(g) for g in groups}
+    left = {g: m for g, m in left.items() if m}
+    if left:
+        leaks["processes"] = left
+        for g in left:
+            kill_group(g)
+    alive = [q for q in ids.get("queues", []) if q in sysv_queues()]
     if alive:
         leaks["queues"] = alive
         leaks["queues_removed_by_run_py"] = [q for q in alive if remove_queue(q)]
-    spills = spill_leftovers(proc.pid)
+    spills = [d for g in groups for d in spill_leftovers(g)]
     if spills:
-        import shutil
         leaks["spill_dirs"] = spills
         for d in spills:  # this child's own producer directories only
             shutil.rmtree(d, ignore_errors=True)
@@ -308,7 +407,7 @@ def run_child(spec: dict, timeout: float, log) -> dict:
     if leaks:
         rec["leaks"] = leaks
         if status == "ok":
-            log(f"    WARNING: the pool leaked after a clean exit: {leaks}")
+            log(f"    WARNING: the measurement leaked after a clean exit: {leaks}")
     return rec
 
 
@@ -326,7 +425,8 @@ def summarize(values: list[float]) -> dict:
 
 
 def build_summary(runs: list[dict]) -> dict:
-    """{spec_key: {kind: {field: stats}}} over the ok runs."""
+    """{spec_key: {kind: {field: stats}}} over the ok runs. A notebook run holds
+    every kind of its kernel (result["per_kind"])."""
     acc: dict = {}
     for rec in runs:
         if rec["status"] != "ok":
@@ -335,10 +435,12 @@ def build_summary(runs: list[dict]) -> dict:
         kind = spec.pop("kind")
         spec.pop("repeat", None)
         key = spec_key(spec)
-        fields = acc.setdefault(key, {}).setdefault(kind, {})
-        for name, value in rec["result"].items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                fields.setdefault(name, []).append(float(value))
+        per_kind = rec["result"].get("per_kind") or {kind: rec["result"]}
+        for k, res in per_kind.items():
+            fields = acc.setdefault(key, {}).setdefault(k, {})
+            for name, value in res.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    fields.setdefault(name, []).append(float(value))
     return {key: {kind: {f: summarize(vals) for f, vals in fields.items()}
                   for kind, fields in kinds.items()} for key, kinds in acc.items()}
 
@@ -353,18 +455,22 @@ def _read(path: str) -> str:
 
 
 def sources_hash(pkg: str) -> str:
+    """sha256 of the package's .py files (sub-packages included), by relative path."""
     h = hashlib.sha256()
-    for name in sorted(os.listdir(pkg)) if os.path.isdir(pkg) else []:
-        if name.endswith(".py"):
-            h.update(name.encode())
-            with open(os.path.join(pkg, name), "rb") as f:
-                h.update(f.read())
+    files = []
+    for dirpath, dirnames, filenames in os.walk(pkg):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        files += [os.path.join(dirpath, n) for n in filenames if n.endswith(".py")]
+    for path in sorted(files):
+        h.update(os.path.relpath(path, pkg).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
     return h.hexdigest()[:16]
 
 
 def library_fingerprint() -> dict:
-    """git HEAD of the repository and a hash of mqexecutor/*.py as they are now
-    in the working tree (the library may be edited while the benchmark runs)."""
+    """git HEAD of the repository and a hash of mqexecutor's sources as they are
+    now in the working tree (the library may be edited while the benchmark runs)."""
     fp = {"mqexecutor_sources_sha256": sources_hash(os.path.join(ROOT, "mqexecutor"))}
     try:
         fp["git_head"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
@@ -394,7 +500,7 @@ def machine_info() -> dict:
     from importlib import metadata
     versions = {}
     for pkg in ("mqexecutor", "sysv_ipc", "cloudpickle", "loky", "numpy", "matplotlib",
-                "psutil"):
+                "psutil", "ipykernel", "nbclient", "jupyter_client"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -413,14 +519,22 @@ def machine_info() -> dict:
     }
 
 
-# -- main ----------------------------------------------------------------------------------------
+# -- command line ----------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        description="Benchmark mqexecutor against ProcessPoolExecutor, loky and "
-                    "multiprocessing.Pool (see docs/benchmarks.md).")
+        description="Benchmark mqexecutor against ProcessPoolExecutor (forkserver and "
+                    "fork), loky, multiprocessing.Pool and a raw sysv_ipc ping-pong, on "
+                    "several Pythons (see docs/benchmarks.md).")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke mode: small sizes, 1 repeat, < 1 minute; writes its "
-                         "report into benchmarks/results/ unless --doc is given")
+                    help="smoke mode: small sizes, 1 repeat, ~1-2 minutes per Python; "
+                         "writes its report into benchmarks/results/ unless --doc is given")
+    ap.add_argument("--pythons", default=",".join(DEFAULT_PYTHONS),
+                    help="comma-separated Python versions to run the plan on, in order "
+                         f"(default {','.join(DEFAULT_PYTHONS)}); this interpreter's "
+                         f"({THIS_PYTHON}) runs here, others through with-python")
+    ap.add_argument("--with-python", default=None, metavar="PATH",
+                    help="the with-python script (default: $MQX_WITH_PYTHON, "
+                         "../shared/tools/with-python, .ci/with-python)")
     ap.add_argument("--repeat", type=int, default=None,
                     help="fresh-process repetitions per figure and executor "
                          "(default 5, --quick 1)")
@@ -431,12 +545,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          + " (also: scaling = workers tasks); default all")
     ap.add_argument("--kinds", nargs="+", default=list(adapters.KINDS),
                     choices=list(adapters.KINDS), help="executors to compare (default all)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"),
+    ap.add_argument("--out", default=RESULTS,
                     help="directory of the raw JSON (default benchmarks/results)")
     ap.add_argument("--doc", default=None,
                     help="markdown file whose results section is regenerated (default "
                          "docs/benchmarks.md for a complete full run; --quick or --only/"
-                         "--kinds: <out>/quick.md or <out>/partial.md)")
+                         "--kinds/--pythons: <out>/quick.md or <out>/partial.md)")
     ap.add_argument("--plot", default=None,
                     help="PNG plot (default docs/benchmarks.png, or <out>/quick.png, "
                          "<out>/partial.png as --doc)")
@@ -450,10 +564,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="benchmark mqexecutor as committed at this git ref (e.g. HEAD) "
                          "instead of the working tree")
     ap.add_argument("--no-snapshot", action="store_true",
-                    help="import mqexecutor live from wherever it is installed, instead of "
-                         "a copy of mqexecutor/ taken at the start of the run")
+                    help="import mqexecutor live from the working tree (or, for this "
+                         "Python, wherever it is installed), instead of a copy of "
+                         "mqexecutor/ taken at the start of the run")
     ap.add_argument("--report", metavar="JSON", default=None,
                     help="do not measure: regenerate the doc and plot from a saved JSON")
+    # Used by the run of another Python inside with-python: the plan of this
+    # Python only, into this JSON, with the library copy the first run made.
+    ap.add_argument("--inner-json", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--library", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     figs: list[str] = []
     for name in args.only or FIGURES:
@@ -463,6 +582,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             if f not in figs:
                 figs.append(f)
     args.figures = figs
+    args.python_list = []
+    for v in args.pythons.split(","):
+        v = v.strip()
+        if v in ("here", "this"):
+            v = THIS_PYTHON
+        if v and v not in args.python_list:
+            if not (v.startswith("3.") and v[2:].isdigit()):
+                ap.error(f"--pythons: {v!r} is not a version like 3.14")
+            args.python_list.append(v)
+    if not args.python_list:
+        ap.error("--pythons: no version given")
     if args.workers < 1:
         ap.error("--workers must be >= 1")
     if adapters.BASELINE not in args.kinds:
@@ -470,15 +600,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def forwarded_args(args: argparse.Namespace) -> list[str]:
+    """The options of this run that a run of another Python gets too."""
+    out = []
+    if args.quick:
+        out.append("--quick")
+    if args.repeat:
+        out += ["--repeat", str(args.repeat)]
+    out += ["--workers", str(args.workers), "--big-method", args.big_method]
+    if args.only:
+        out += ["--only", *args.figures]
+    if args.kinds != list(adapters.KINDS):
+        out += ["--kinds", *args.kinds]
+    if args.timeout:
+        out += ["--timeout", str(args.timeout)]
+    return out
+
+
+def is_complete(cfg: dict) -> bool:
+    """Every figure, every executor, the default Pythons, full sizes."""
+    return (not cfg.get("quick") and cfg["figures"] == FIGURES
+            and cfg["kinds"] == list(adapters.KINDS)
+            and set(DEFAULT_PYTHONS) <= set(cfg.get("pythons", [])))
+
+
 def write_outputs(data: dict, args: argparse.Namespace) -> None:
     """The report goes to docs/ only for a complete full run (every figure, every
-    executor); a --quick or partial run writes <out>/quick.* or <out>/partial.*
-    unless --doc/--plot say otherwise."""
+    executor, the default Pythons); a --quick or partial run writes
+    <out>/quick.* or <out>/partial.* unless --doc/--plot say otherwise."""
     if args.no_doc:
         return
     cfg = data["config"]
-    complete = cfg["figures"] == FIGURES and cfg["kinds"] == list(adapters.KINDS)
-    where = "quick" if cfg.get("quick") else (None if complete else "partial")
+    where = "quick" if cfg.get("quick") else (None if is_complete(cfg) else "partial")
     doc = args.doc or (os.path.join(args.out, where + ".md") if where
                        else os.path.join(ROOT, "docs", "benchmarks.md"))
     png = args.plot or (os.path.join(args.out, where + ".png") if where
@@ -488,33 +641,15 @@ def write_outputs(data: dict, args: argparse.Namespace) -> None:
     print(f"wrote {doc}" + (f" and {png}" if plot_ok else " (no plot: matplotlib missing?)"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.report:
-        with open(args.report) as f:
-            data = json.load(f)
-        write_outputs(data, args)
-        return 0
-    cfg = dict(QUICK if args.quick else FULL)
-    repeat = args.repeat or cfg["repeat"]
-    cfg["repeat"] = repeat
-    os.makedirs(args.out, exist_ok=True)
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
-    global CHILD_ENV
+# -- one Python: the plan, here ---------------------------------------------------------------
+def run_plan(args: argparse.Namespace, cfg: dict, log) -> dict:
+    """Every figure of the plan for every kind, on this interpreter; the data of
+    one Python (report's "format 1")."""
+    repeat = cfg["repeat"]
     started = time.time()
     meta = machine_info()
     meta["library_at_start"] = library_fingerprint()
-    snap_dir = None
-    if not args.no_snapshot and any(k.startswith("mq") for k in args.kinds):
-        snap_dir, desc = snapshot_library(args.git_ref, log)
-        meta["library_at_start"].update(desc)
-        pp = os.environ.get("PYTHONPATH")
-        CHILD_ENV = dict(os.environ, PYTHONPATH=snap_dir + (os.pathsep + pp if pp else ""))
-    else:
-        meta["library_at_start"]["snapshot"] = "none: the installed (live) mqexecutor"
+    meta["library_at_start"].update(args.library_desc)
     queues_before = sysv_queues()
     ipcs_before = ipcs_q()
     log(f"mqexecutor benchmarks: {meta['cpu_model']}, {meta['usable_cpus']} cpus, "
@@ -528,14 +663,23 @@ def main(argv: list[str] | None = None) -> int:
     cache: dict[str, dict] = {}
     kinds = list(args.kinds)
     plan = {fig: figure_specs(fig, cfg, args.workers, args.big_method) for fig in args.figures}
+    nb_kinds = [k for k in NOTEBOOK_KINDS if k in kinds]
     for fig, specs in plan.items():
         log(f"[{fig}]")
         for spec in specs:
             for rep in range(repeat):
-                # Rotate the order of executor kinds from one repetition to the next.
-                order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
-                for kind in order:
-                    full = dict(spec, kind=kind, repeat=rep)
+                if spec["measure"] == "notebook":
+                    if not nb_kinds:
+                        continue
+                    # One kernel per repetition runs every kind, in rotated order.
+                    order = nb_kinds[rep % len(nb_kinds):] + nb_kinds[:rep % len(nb_kinds)]
+                    todo = [dict(spec, kind="notebook", repeat=rep, order=order)]
+                else:
+                    # Rotate the order of executor kinds from one repetition to the next.
+                    order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+                    todo = [dict(spec, kind=k, repeat=rep) for k in order
+                            if applies(k, fig, spec)]
+                for full in todo:
                     key = spec_key(full)
                     if key in cache:
                         continue
@@ -543,17 +687,7 @@ def main(argv: list[str] | None = None) -> int:
                     rec = run_child(full, timeout, log)
                     cache[key] = rec
                     runs.append(rec)
-                    res = rec.get("result", {})
-                    brief = ", ".join(f"{k}={report.short(v)}" for k, v in res.items()
-                                      if isinstance(v, (int, float)) and k not in ("wall_s",))
-                    params = {k: v for k, v in spec.items() if k not in ("measure",)}
-                    log(f"  {kind:<14} rep {rep + 1}/{repeat} {json.dumps(params)}: "
-                        f"{rec['status']} ({rec['wall_s']:.1f}s) {brief}")
-                    if rec["status"] != "ok":
-                        err = rec.get("error", {}).get("error") or rec.get("stderr", "")[-800:]
-                        log(f"    {rec['status'].upper()}: {err}")
-                        if rec.get("error", {}).get("diagnostics"):
-                            log(f"    diagnostics: {rec['error']['diagnostics']}")
+                    log_record(rec, full, log)
 
     # Leak check of the whole run: queues now present that were not there before.
     queues_after = sysv_queues()
@@ -567,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.append(f"{len(new)} SysV queue(s) appeared during the run that no "
                         f"benchmark child reported (another process on this machine?): "
                         f"{sorted(new)}")
+    procs = [r["leaks"]["processes"] for r in runs if r.get("leaks", {}).get("processes")]
+    if procs:
+        warnings.append(f"processes outlived their measurement (run.py killed them): {procs}")
     spills = [d for r in runs for d in r.get("leaks", {}).get("spill_dirs", [])]
     if spills:
         warnings.append(f"spill directories left behind (run.py removed them): {spills}")
@@ -578,14 +715,11 @@ def main(argv: list[str] | None = None) -> int:
     meta["library_at_end"] = library_fingerprint()
     if (meta["library_at_end"].get("mqexecutor_sources_sha256")
             != meta["library_at_start"].get("mqexecutor_sources_sha256")):
-        if snap_dir:
+        if args.library_dir:
             meta["library_at_end"]["note"] = ("the working tree changed during the run; "
                                               "the run used its snapshot")
         else:
             warnings.append("mqexecutor's sources changed during the run: results mix versions")
-    if snap_dir:
-        import shutil
-        shutil.rmtree(snap_dir, ignore_errors=True)
     meta["loadavg_end"] = _read("/proc/loadavg").split()[:3]
     loads = [r["loadavg_1min_before"] for r in runs if r.get("loadavg_1min_before") is not None]
     if loads:
@@ -599,25 +733,191 @@ def main(argv: list[str] | None = None) -> int:
                 f"competed with the pools, figures are noisier than usual")
     meta["ipcs_q_before"] = ipcs_before
     meta["ipcs_q_after"] = ipcs_q()
-    duration = time.time() - started
-
-    data = {
+    return {
         "format": 1,
         "started": _dt.datetime.fromtimestamp(started).astimezone().isoformat(timespec="seconds"),
-        "duration_s": duration,
-        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)]
-                            + (sys.argv[1:] if argv is None else argv)),
-        "config": dict(cfg, quick=args.quick, workers=args.workers, kinds=kinds,
-                       figures=args.figures, big_method=args.big_method),
+        "duration_s": time.time() - started,
+        "config": dict(cfg, workers=args.workers, kinds=kinds, figures=args.figures,
+                       big_method=args.big_method),
         "machine": meta,
         "plan": {fig: [spec_key(s) for s in specs] for fig, specs in plan.items()},
         "runs": runs,
         "summary": build_summary(runs),
         "warnings": warnings,
     }
+
+
+def log_record(rec: dict, full: dict, log) -> None:
+    res = rec.get("result", {})
+    if res.get("per_kind"):
+        brief = "; ".join(
+            f"{k}: " + (v["error"][:80] if v.get("error") else ", ".join(
+                f"{f}={report.short(v[f])}" for f in ("tps", "median_us") if f in v))
+            for k, v in res["per_kind"].items())
+    else:
+        brief = ", ".join(f"{k}={report.short(v)}" for k, v in res.items()
+                          if isinstance(v, (int, float)) and k not in ("wall_s",))
+    params = {k: v for k, v in full.items() if k not in ("measure", "kind", "repeat", "order")}
+    log(f"  {full['kind']:<14} rep {full['repeat'] + 1} {json.dumps(params)}: "
+        f"{rec['status']} ({rec['wall_s']:.1f}s) {brief}")
+    if rec["status"] != "ok":
+        err = rec.get("error", {}).get("error") or rec.get("stderr", "")[-800:]
+        log(f"    {rec['status'].upper()}: {err}")
+        if rec.get("error", {}).get("diagnostics"):
+            log(f"    diagnostics: {rec['error']['diagnostics']}")
+    if rec.get("leaks"):
+        log(f"    leaks: {rec['leaks']}")
+
+
+# -- another Python: the same plan through with-python ------------------------------------------
+def find_with_python(args: argparse.Namespace) -> str | None:
+    for cand in (args.with_python, os.environ.get("MQX_WITH_PYTHON"),
+                 os.path.join(ROOT, "..", "shared", "tools", "with-python"),
+                 os.path.join(ROOT, ".ci", "with-python")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def bench_requirements() -> list[str]:
+    """mqexecutor's runtime dependencies (pyproject.toml) and what the
+    benchmarks use besides: the packages a venv of another Python gets."""
+    deps = ["sysv_ipc", "cloudpickle"]
+    try:
+        import tomllib
+        with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+            deps = tomllib.load(f)["project"]["dependencies"]
+    except (ImportError, OSError, KeyError, ValueError):
+        pass
+    return deps + ["numpy", "loky", "nbclient", "nbformat", "ipykernel"]
+
+
+def run_other_python(version: str, args: argparse.Namespace, stamp: str, log) -> dict:
+    """Run this script under Python ``version`` through with-python, which
+    mounts the project at /src; returns that run's data (format 1)."""
+    tool = find_with_python(args)
+    if tool is None:
+        raise RuntimeError("with-python not found (--with-python PATH)")
+    part = os.path.join(RESULTS, f".part-{version}-{stamp}.json")
+    rel = os.path.relpath(part, ROOT)
+    venv = f"/opt/mqx-bench-{version}"
+    reqs = " ".join(shlex.quote(r) for r in bench_requirements())
+    mods = "sysv_ipc, cloudpickle, numpy, loky, nbclient, nbformat, ipykernel"
+    inner = [f"{venv}/bin/python", "benchmarks/run.py", "--inner-json", rel,
+             *forwarded_args(args)]
+    if args.library_dir:
+        inner += ["--library", os.path.relpath(args.library_dir, ROOT)]
+    else:
+        inner += ["--library", "."]  # --no-snapshot: the working tree, live
+    cmd = (f"set -e; [ -x {venv}/bin/python ] || /usr/bin/python{version} -m venv {venv}; "
+           f"{venv}/bin/python -c 'import {mods}' 2>/dev/null || "
+           f"{venv}/bin/pip install --progress-bar off -q {reqs}; "
+           + " ".join(shlex.quote(a) for a in inner))
+    log(f"== Python {version}: {os.path.relpath(tool, ROOT)} {version} -- '{cmd}'")
+    proc = subprocess.Popen([tool, version, "--", cmd], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        log(f"[{version}] {line}")
+        tail = (tail + [line])[-20:]
+    rc = proc.wait()
+    try:
+        with open(part) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        raise RuntimeError(f"with-python {version} exited {rc} without results: "
+                           + " | ".join(tail[-5:])) from None
+    finally:
+        try:
+            os.unlink(part)
+        except OSError:
+            pass
+    return data
+
+
+# -- main ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report:
+        write_outputs(report.load(args.report), args)
+        return 0
+    cfg = dict(QUICK if args.quick else FULL)
+    cfg["repeat"] = args.repeat or cfg["repeat"]
+    os.makedirs(args.out, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    global CHILD_ENV
+    started = time.time()
     stamp = _dt.datetime.fromtimestamp(started).strftime("%Y%m%d-%H%M%S")
-    complete = args.figures == FIGURES and kinds == list(adapters.KINDS)
-    prefix = "quick-" if args.quick else ("" if complete else "partial-")
+    wants_mq = any(k.startswith("mq") for k in args.kinds)
+
+    # The library every Python of this run imports: a copy made here (or by
+    # the run that started this one inside with-python).
+    args.library_dir, args.library_desc, own_snapshot = None, {}, False
+    if args.library:
+        lib = os.path.abspath(os.path.join(ROOT, args.library))
+        if os.path.samefile(lib, ROOT):
+            args.library_desc = {"snapshot": "none: the working tree, live"}
+        else:
+            args.library_dir = lib
+            args.library_desc = {"snapshot": "copy made by the run of the first Python",
+                                 "snapshot_sources_sha256":
+                                     sources_hash(os.path.join(lib, "mqexecutor"))}
+    elif not args.no_snapshot and wants_mq:
+        args.library_dir, args.library_desc = snapshot_library(args.git_ref, log, RESULTS)
+        own_snapshot = True
+    elif args.no_snapshot:
+        args.library_desc = {"snapshot": "none: the installed (live) mqexecutor"}
+    if args.library_dir:
+        compile_library(args.library_dir)
+        pp = os.environ.get("PYTHONPATH")
+        CHILD_ENV = dict(os.environ, PYTHONPATH=args.library_dir + (os.pathsep + pp if pp else ""))
+    elif args.library:  # the live working tree
+        pp = os.environ.get("PYTHONPATH")
+        CHILD_ENV = dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + pp if pp else ""))
+
+    if args.inner_json:  # one Python, inside with-python
+        data = run_plan(args, cfg, log)
+        with open(os.path.join(ROOT, args.inner_json), "w") as f:
+            json.dump(data, f, indent=1, default=repr)
+        return 1 if any(r["status"] != "ok" for r in data["runs"]) else 0
+
+    pythons: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    try:
+        for version in args.python_list:
+            try:
+                if version == THIS_PYTHON:
+                    log(f"== Python {version}: here ({sys.executable})")
+                    pythons[version] = run_plan(args, cfg, log)
+                else:
+                    pythons[version] = run_other_python(version, args, stamp, log)
+            except (RuntimeError, OSError) as exc:
+                failures[version] = str(exc)
+                log(f"ERROR: Python {version}: {exc}")
+    finally:
+        if own_snapshot and args.library_dir:
+            shutil.rmtree(args.library_dir, ignore_errors=True)
+    duration = time.time() - started
+    data = {
+        "format": 2,
+        "started": _dt.datetime.fromtimestamp(started).astimezone().isoformat(timespec="seconds"),
+        "duration_s": duration,
+        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)]
+                            + (sys.argv[1:] if argv is None else argv)),
+        "config": dict(cfg, quick=args.quick, workers=args.workers, kinds=list(args.kinds),
+                       figures=args.figures, big_method=args.big_method,
+                       pythons=list(pythons)),
+        "pythons": pythons,
+        "failed_pythons": failures,
+        "warnings": [f"Python {v}: {w}" for v, d in pythons.items() for w in d["warnings"]]
+                    + [f"Python {v} did not run: {e}" for v, e in failures.items()],
+    }
+    prefix = "quick-" if args.quick else ("" if is_complete(data["config"]) else "partial-")
     path = os.path.join(args.out, prefix + stamp + ".json")
     with open(path, "w") as f:
         json.dump(data, f, indent=1, default=repr)
@@ -627,10 +927,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"wrote {path} ({duration:.0f} s)")
     print()
     print(report.text_table(data))
-    for w in warnings:
+    for w in data["warnings"]:
         log(f"WARNING: {w}")
-    write_outputs(data, args)
-    return 1 if failed else 0
+    if pythons:
+        write_outputs(data, args)
+    bad = failures or any(r["status"] != "ok" for d in pythons.values() for r in d["runs"])
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -1,21 +1,27 @@
-"""Task functions run by the workers of every executor under test.
+"""Module-level task functions: the "module functions" table of the report.
 
-They live in their own importable module (not in ``__main__``) so that every
-executor can pickle them by reference, including ProcessPoolExecutor's plain
-pickle and loky's spawned workers.
+The default figures call functions defined in child.py's own ``__main__``
+(what a script or a notebook has); these are the same functions imported from
+a module, which every executor pickles by reference. memory.py and
+profile_submit.py use ``noop`` and ``noop1``.
 """
 
 
+def inc(x):
+    """The task of the submit, latency and map figures: one argument, one result."""
+    return x + 1
+
+
+def ident(x):
+    """Returns its argument: the 100 MB array round trip."""
+    return x
+
+
 def noop():
-    """The no-op task of the submit and latency figures."""
+    """A no-op task without arguments (memory.py, profile_submit.py)."""
     return None
 
 
 def noop1(_x):
-    """The no-op task of map (one argument, returns None)."""
+    """A no-op task of one argument (memory.py's map)."""
     return None
-
-
-def ident(x):
-    """Returns its argument: map of small ints, 100 MB array round trip."""
-    return x
