@@ -41,6 +41,7 @@ __all__ = [
     "task_payload", "replace_route", "build", "parse", "AuthError", "TAG_SIZE", "split_batch",
     "join_batch", "flatten", "ok_result", "batch_entries",
     "F_SPILL", "F_TARGETED", "F_BATCH", "F_AUTH", "F_KEEP_SPILL", "F_FN_REF", "F_VALUES",
+    "F_TIMEOUT", "timeout_field", "task_timeout", "MAX_TIMEOUT",
     "values_body", "split_values", "pack_task", "spill_reference", "reference_text",
     "ENTRY_STRUCT", "entry_payload_start", "LEN_STRUCT", "death_body", "parse_death_body",
     "DeathCause",
@@ -77,6 +78,9 @@ class Kind(enum.IntEnum):
 
     TASK = 1
     RESULT = 2
+    #: Logging records and printed text of tasks, for their producer
+    #: (:mod:`mqexecutor.relay`).
+    RELAY = 3
 
 
 class Flag(enum.IntFlag):
@@ -106,6 +110,9 @@ class Flag(enum.IntFlag):
     #: body is the return values of several tasks (see :func:`values_body`),
     #: all Status.OK: one unpickling for all of them in the producer.
     VALUES = 0x0040
+    #: The TASK has a time limit: a u32 of milliseconds follows the function
+    #: name (:func:`timeout_field`). The clock starts when a worker takes it.
+    TIMEOUT = 0x0080
 
 
 class Status(enum.IntEnum):
@@ -123,6 +130,9 @@ class Status(enum.IntEnum):
     WORKER_DIED = 3
     #: A worker's initializer raised; the body pickles (exception, traceback text).
     INIT_FAILED = 4
+    #: The task was terminated (``MQFuture.terminate``) before it started: the
+    #: worker did not run it. Empty body.
+    CANCELLED = 5
 
 
 class DeathCause(enum.IntEnum):
@@ -130,6 +140,10 @@ class DeathCause(enum.IntEnum):
 
     #: It died by itself: a signal, ``os._exit``, the OOM killer.
     DIED = 0
+    #: The manager stopped it: the task ran past its time limit.
+    TIMEOUT = 1
+    #: The manager stopped it: the task was terminated (``MQFuture.terminate``).
+    TERMINATED = 2
 
 
 #: The body of a WORKER_DIED notice: worker id i32, the dead worker's pid
@@ -164,6 +178,7 @@ F_AUTH = int(Flag.AUTH)
 F_KEEP_SPILL = int(Flag.KEEP_SPILL)
 F_FN_REF = int(Flag.FN_REF)
 F_VALUES = int(Flag.VALUES)
+F_TIMEOUT = int(Flag.TIMEOUT)
 
 
 class ProtocolError(ValueError):
@@ -205,41 +220,85 @@ _NAME_LEN = struct.Struct("<H")
 
 def task_body(fn_name: str, payload: bytes) -> bytes:
     """The body of a TASK: u16 name length, the name (UTF-8, at most 255 bytes),
-    then the payload (pickle or spill reference)."""
+    then the payload (pickle or spill reference). With F_TIMEOUT, the time
+    limit (:func:`timeout_field`) comes between the name and the payload."""
     name = fn_name.encode("utf-8", "replace")[:255]
     return _NAME_LEN.pack(len(name)) + name + payload
 
 
-def split_task_body(body: bytes | memoryview) -> tuple[str, memoryview]:
-    """Inverse of :func:`task_body`: returns (function name, payload).
-
-    Raises:
-        ProtocolError: the name length runs past the end of the body.
-    """
-    view = memoryview(body)
-    if len(view) < 2:
-        raise ProtocolError("task body shorter than its name length field")
-    (n,) = _NAME_LEN.unpack_from(view)
-    if 2 + n > len(view):
-        raise ProtocolError(f"task body of {len(view)} bytes cannot hold a "
-                            f"{n}-byte function name")
-    return bytes(view[2:2 + n]).decode("utf-8", "replace"), view[2 + n:]
-
-
-def task_payload(body: bytes | memoryview) -> memoryview:
-    """The payload of a TASK body, past the function name (see :func:`task_body`).
-
-    Raises:
-        ProtocolError: the name length runs past the end of the body.
-    """
-    view = memoryview(body)
+def _name_end(view: memoryview) -> int:
     if len(view) < 2:
         raise ProtocolError("task body shorter than its name length field")
     n = 2 + (view[0] | view[1] << 8)
     if n > len(view):
         raise ProtocolError(f"task body of {len(view)} bytes cannot hold a "
                             f"{n - 2}-byte function name")
-    return view[n:]
+    return n
+
+
+def _payload_start(view: memoryview, flags: int) -> int:
+    start = _name_end(view)
+    if flags & F_TIMEOUT:
+        start += _TIMEOUT.size
+        if start > len(view):
+            raise ProtocolError("task body ends inside its time limit")
+    return start
+
+
+def split_task_body(body: bytes | memoryview, flags: int = 0) -> tuple[str, memoryview]:
+    """Inverse of :func:`task_body`: returns (function name, payload) of the
+    body of a TASK whose header has ``flags``.
+
+    Raises:
+        ProtocolError: the name (or the time limit) runs past the end of the body.
+    """
+    view = memoryview(body)
+    start = _payload_start(view, flags)
+    return bytes(view[2:_name_end(view)]).decode("utf-8", "replace"), view[start:]
+
+
+def task_payload(body: bytes | memoryview, flags: int = 0) -> memoryview:
+    """The payload of a TASK body, past the function name and time limit
+    (see :func:`task_body`).
+
+    Raises:
+        ProtocolError: the name (or the time limit) runs past the end of the body.
+    """
+    view = memoryview(body)
+    return view[_payload_start(view, flags):]
+
+
+#: A TASK's time limit (with F_TIMEOUT): u32 milliseconds, after the name.
+_TIMEOUT = struct.Struct("<I")
+#: The largest time limit a TASK can carry, seconds (about 49 days).
+MAX_TIMEOUT = 0xFFFFFFFF / 1000
+
+
+def timeout_field(seconds: float) -> bytes:
+    """The time-limit field of a TASK body (F_TIMEOUT), from seconds (rounded
+    up to the millisecond).
+
+    Raises:
+        ValueError: ``seconds`` is not in (0, MAX_TIMEOUT].
+    """
+    if not 0 < seconds <= MAX_TIMEOUT:
+        raise ValueError(f"a time limit must be > 0 and <= {MAX_TIMEOUT:.0f} s, not {seconds}")
+    return _TIMEOUT.pack(max(1, int(-(-seconds * 1000 // 1))))
+
+
+def task_timeout(body: bytes | memoryview, flags: int) -> float | None:
+    """The time limit (seconds) of a TASK body, None without F_TIMEOUT.
+
+    Raises:
+        ProtocolError: the body is too short for it.
+    """
+    if not flags & F_TIMEOUT:
+        return None
+    view = memoryview(body)
+    end = _name_end(view)
+    if end + _TIMEOUT.size > len(view):
+        raise ProtocolError("task body ends inside its time limit")
+    return _TIMEOUT.unpack_from(view, end)[0] / 1000
 
 
 def unpack_header(data: bytes | memoryview) -> Header:
@@ -260,7 +319,7 @@ def unpack_header(data: bytes | memoryview) -> Header:
     if version != WIRE_VERSION:
         raise ProtocolError(f"wire version {version} is not supported "
                             f"(this mqexecutor speaks version {WIRE_VERSION})")
-    if kind != 1 and kind != 2:  # Kind.TASK, Kind.RESULT
+    if not 1 <= kind <= 3:  # Kind.TASK, Kind.RESULT, Kind.RELAY
         raise ProtocolError(f"unknown message kind {kind}")
     if length != len(data) - HEADER_SIZE:
         raise ProtocolError(f"header says {length} body bytes, message has "
@@ -448,7 +507,7 @@ def spill_reference(message: bytes | memoryview) -> str | None:
         if not h.flags & F_SPILL:
             return None
         if h.kind == Kind.TASK:
-            body = task_payload(body)
+            body = task_payload(body, h.flags)
     except ProtocolError:
         return None
     return reference_text(body)
