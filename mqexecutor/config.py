@@ -38,6 +38,14 @@ class PoolConfig(NamedTuple):
         sweep (bool): reclaim dead producers' leftovers shortly after start.
         sys_path (tuple of str): the owner's ``sys.path``, for a manager started
             as a fresh interpreter (imports by reference must resolve there too).
+        max_memory_per_child (int | None): bytes of resident set above which a
+            worker is recycled after its task.
+        watch_deadlines (bool): the manager watches time limits from the start
+            (``task_timeout=``); else from the owner's first timed task.
+        log_level (int | None): relay logging records at or above this level
+            to the producer of the task that emitted them; None: no relay.
+        relay_output (bool): send what tasks print to their producer (a
+            notebook's kernel) instead of the worker's own stdout and stderr.
     """
 
     task_key: int
@@ -57,6 +65,10 @@ class PoolConfig(NamedTuple):
     authkey: bytes | None = None
     sweep: bool = False
     sys_path: tuple = ()
+    max_memory_per_child: int | None = None
+    watch_deadlines: bool = False
+    log_level: int | None = None
+    relay_output: bool = False
 
     @property
     def scoreboard_path(self) -> str:

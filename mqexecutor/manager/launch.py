@@ -14,6 +14,13 @@ How the manager process starts depends on ``mp_context`` (its start method):
   does, one per pool. Tens of milliseconds.
 
 Either way no process with more than one thread ever forks.
+
+The manager process leads a process group of its own, which its workers
+join: a signal to the owner's process group (Ctrl-C in a terminal, a Jupyter
+kernel restart, which SIGKILLs the kernel's group) does not reach them, and
+the manager, seeing its owner gone, stops the workers and removes the owner's
+queues and spill directory (tasks of a private queue are stopped at once,
+those of a queue with a key finish first).
 """
 from __future__ import annotations
 
@@ -107,6 +114,7 @@ class ManagerProcess:
             return pid
         code = 1
         try:  # the manager process: never returns into the owner's code
+            os.setpgid(0, 0)  # its own process group: see the module docstring
             ours.close()
             for fd in _OWNER_FDS:  # other pools' connections are not ours
                 try:
@@ -139,7 +147,8 @@ class ManagerProcess:
         if not sys.executable:
             raise OSError("sys.executable is empty: cannot start the manager process")
         self._popen = subprocess.Popen([sys.executable, *flags, "-c", code, str(fd)],
-                                       pass_fds=(fd,), stdin=subprocess.DEVNULL)
+                                       pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                                       process_group=0)
         return self._popen.pid
 
     # -- messages ------------------------------------------------------------------

@@ -16,14 +16,19 @@ another thread can be held in the child). It is started by the pool's owner
   and when the pool cannot go on (the task queue removed, a fork that fails);
 * stops the workers when its owner asks (``STOP``), signals them
   (``SIGNAL``: terminate_workers, kill_workers), and when its owner dies: then
-  it also removes what the owner would have removed;
+  it also removes what the owner would have removed (the tasks of a private
+  queue are stopped at once, those of a queue with a key finish first);
+* stops the worker running a task past its time limit, or a task its owner
+  terminated (SIGTERM, then SIGKILL after ``KILL_GRACE`` seconds), and reports
+  that cause with the death;
 * reclaims the leftovers of dead producers once, shortly after start, when
   asked (the first pool of a process).
 
 Control messages (tuples over a :class:`~mqexecutor.manager.channel.Channel`),
-owner to manager: ``(STOP,)``, ``(SIGNAL, signum)``; manager to owner:
-``(READY,)``, ``(STARTED, wid, pid)``, ``(EXITED, wid, pid, exitcode)``,
-``(BROKEN, reason)``, ``(STOPPED,)``.
+owner to manager: ``(STOP,)``, ``(SIGNAL, signum)``, ``(WATCH,)`` (watch time
+limits from now on), ``(TERMINATE, token, task_id)``; manager to owner:
+``(READY,)``, ``(STARTED, wid, pid)``, ``(EXITED, wid, pid, exitcode, cause)``
+(cause: one of ``CAUSES``), ``(BROKEN, reason)``, ``(STOPPED,)``.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from ..protocol import (
     F_BATCH,
     HEADER_SIZE,
     RESULT_MTYPE,
+    DeathCause,
     Kind,
     Status,
     build,
@@ -51,15 +57,25 @@ from ..protocol import (
     join_batch,
 )
 from ..scoreboard import BUSY, INIT_FAILED, Scoreboard
-from ..worker import STOP_SIGNAL, run_worker
+from ..worker import EXIT_MEMORY, STOP_SIGNAL, run_worker
 from .channel import Channel
 
 __all__ = ["Manager", "main", "READY", "STARTED", "EXITED", "BROKEN", "STOPPED", "STOP",
-           "SIGNAL", "describe_exit"]
+           "SIGNAL", "WATCH", "TERMINATE", "CAUSES", "describe_exit"]
 
 # control messages (see the module docstring)
 READY, STARTED, EXITED, BROKEN, STOPPED = "ready", "started", "exited", "broken", "stopped"
-STOP, SIGNAL = "stop", "signal"
+STOP, SIGNAL, WATCH, TERMINATE = "stop", "signal", "watch", "terminate"
+#: Why a worker exited (EXITED's cause): it was stopped (shutdown, signals of
+#: the owner), recycled after max_tasks_per_child or for its memory, stopped
+#: for a time limit or a terminated task, or it died by itself.
+CAUSES = ("stopped", "max_tasks", "memory", "timeout", "terminate", "died")
+
+#: Seconds between a SIGTERM to a worker the manager stops (time limit,
+#: terminate) and the SIGKILL that follows if it is still alive.
+KILL_GRACE = 0.5
+#: Seconds between two looks at the workers' deadlines, while watching them.
+DEADLINE_TICK = 0.05
 
 #: Seconds after start at which a manager asked to (PoolConfig.sweep) reclaims
 #: dead producers' leftovers: after the first tasks of a new pool, usually.
@@ -101,6 +117,9 @@ class Manager:
         self.control_closed = False  # the owner's end closed without STOP
         self.terminated = False  # got SIGTERM itself
         self.sweep_at = time.monotonic() + SWEEP_DELAY if config.sweep else None
+        self.watching = config.watch_deadlines  # look at the deadlines in the slots
+        #: Workers being stopped: wid -> (pid, task_id, token, cause, SIGKILL time)
+        self.stopping_task: dict[int, tuple[int, int, int, int, float]] = {}
         try:
             self.reply_queue: sysv_ipc.MessageQueue | None = queues.open_queue(
                 config.owner_reply_key, create=False)
@@ -169,13 +188,18 @@ class Manager:
         slot = self.board.read(wid)
         self.board.idle(wid)
         self.deliver_outbox(wid)
+        why: int = DeathCause.DIED
+        stopped = self.stopping_task.pop(wid, None)
+        if (stopped is not None and stopped[0] == pid and slot.state == BUSY
+                and (slot.task_id, slot.token) == stopped[1:3]):
+            why = stopped[3]
         if slot.state == BUSY:
             # The notice travels on the producer's reply queue, behind any
             # result the worker sent before dying, so a task that did complete
             # is never reported dead, and the producer re-queues the rest of
             # its batch.
-            self.report_death(wid, pid, exitcode, slot)
-        self.tell(EXITED, wid, pid, exitcode)
+            self.report_death(wid, pid, exitcode, slot, why)
+        self.tell(EXITED, wid, pid, exitcode, self.cause(exitcode, why))
         if slot.state == INIT_FAILED or self.stopping:
             return  # INIT_FAILED: the owner breaks the pool with the error
         if not self.task_queue_exists():
@@ -188,6 +212,50 @@ class Manager:
         except Exception as exc:  # noqa: BLE001
             self.tell(BROKEN, f"could not start a replacement for task worker {wid}: {exc!r}")
             self.stopping = True
+
+    def cause(self, exitcode: int, why: int) -> str:
+        """The cause of a worker's exit (one of CAUSES)."""
+        if why == DeathCause.TIMEOUT:
+            return "timeout"
+        if why == DeathCause.TERMINATED:
+            return "terminate"
+        if exitcode == 0:
+            return "stopped" if self.stopping else "max_tasks"
+        if exitcode == EXIT_MEMORY:
+            return "memory"
+        return "died"
+
+    def watch_deadlines(self) -> None:
+        """Stop each worker whose task is past its deadline; SIGKILL those
+        stopped ``KILL_GRACE`` seconds ago and still alive."""
+        now_ns = time.monotonic_ns()
+        for wid, pid in list(self.workers.items()):
+            killing = self.stopping_task.get(wid)
+            if killing is not None:
+                if killing[0] == pid and time.monotonic() >= killing[4]:
+                    _signal(pid, signal.SIGKILL)
+                continue
+            slot = self.board.read(wid)
+            if slot.state == BUSY and slot.deadline and now_ns >= slot.deadline:
+                self.stop_task(wid, pid, slot, DeathCause.TIMEOUT)
+
+    def stop_task(self, wid: int, pid: int, slot: Any, why: int) -> None:
+        """Stop worker ``wid`` (``pid``), which runs the task of ``slot``:
+        SIGTERM now, SIGKILL ``KILL_GRACE`` seconds later (watch_deadlines)."""
+        self.stopping_task[wid] = (pid, slot.task_id, slot.token, why,
+                                   time.monotonic() + KILL_GRACE)
+        self.watching = True  # for the SIGKILL, if it comes to that
+        _signal(pid, signal.SIGTERM)
+
+    def terminate(self, token: int, task_id: int) -> None:
+        """The owner terminated task (token, task_id): stop the worker running
+        it, if one does (one that takes it later will not run it: the owner
+        put it in the scoreboard's list of terminated tasks first)."""
+        for wid, pid in list(self.workers.items()):
+            slot = self.board.read(wid)
+            if slot.state == BUSY and (slot.token, slot.task_id) == (token, task_id) \
+                    and wid not in self.stopping_task:
+                self.stop_task(wid, pid, slot, DeathCause.TERMINATED)
 
     def task_queue_exists(self) -> bool:
         try:
@@ -243,11 +311,13 @@ class Manager:
                             join_batch(messages))
         self.send_to_producer(route.token, route.reply, route.pid, message)
 
-    def report_death(self, wid: int, pid: int, exitcode: int, slot: Any) -> None:
+    def report_death(self, wid: int, pid: int, exitcode: int, slot: Any,
+                     why: int = 0) -> None:
         """Tell the producer of the task a dead worker was running (the owner,
-        or another process that attached) through its reply queue."""
+        or another process that attached) through its reply queue; ``why``:
+        a DeathCause."""
         msg = build(Kind.RESULT, 0, Status.WORKER_DIED, slot.task_id, slot.token, 0, pid,
-                    wid, death_body(wid, pid, exitcode, slot.task_id), self.cfg.authkey)
+                    wid, death_body(wid, pid, exitcode, slot.task_id, why), self.cfg.authkey)
         self.send_to_producer(slot.token, slot.reply, slot.producer_pid, msg)
 
     def send_to_producer(self, token: int, reply: int, producer_pid: int,
@@ -291,11 +361,16 @@ class Manager:
                 timeout = max(0, int((self.sweep_at - time.monotonic()) * 1000))
             elif owner_fd == -1:  # no pidfd here: poll the owner
                 timeout = 200
+            if self.watching:
+                timeout = min(timeout if timeout is not None else 10**9,
+                              int(DEADLINE_TICK * 1000))
             events = poller.poll(timeout)
             self.drain_wakeups()
             if self.terminated:
                 return self.on_sigterm()
             self.reap()
+            if self.watching:
+                self.watch_deadlines()
             if self.sweep_at is not None and time.monotonic() >= self.sweep_at:
                 self.sweep_at = None
                 _sweep()
@@ -310,6 +385,11 @@ class Manager:
             elif not persistence.pid_alive(self.cfg.owner_pid):
                 self.owner_gone = True
                 break
+        if self.owner_gone and self.cfg.private_queue:
+            # Nobody will read the outcomes of a private pool's tasks: stop
+            # them now, as a signal to the owner's process group would have.
+            self.stopping = True
+            self.signal_workers(signal.SIGTERM)
         self.stop_workers()
         if not self.owner_gone and self.control_closed:
             # The owner's end closed without STOP: it is exiting (its fds close
@@ -335,6 +415,10 @@ class Manager:
                 if command[0] == SIGNAL:
                     self.stopping = True
                     self.signal_workers(command[1])
+                elif command[0] == WATCH:
+                    self.watching = True
+                elif command[0] == TERMINATE:
+                    self.terminate(command[1], command[2])
         except (EOFError, OSError):
             self.control_closed = True
             return False
@@ -361,6 +445,13 @@ class Manager:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         return 128 + signal.SIGTERM
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _pidfd(pid: int) -> int | None:

@@ -7,7 +7,7 @@ task messages from the task queue and runs them.
 * :mod:`.batcher`: the results of a BATCH's tasks, sent together;
 * :mod:`.replies`: sending to producers' reply queues, encoding outcomes.
 """
-from .loop import EXIT_INIT_FAILED
+from .loop import EXIT_INIT_FAILED, EXIT_MEMORY
 from .process import STOP_SIGNAL, run_worker
 
-__all__ = ["run_worker", "STOP_SIGNAL", "EXIT_INIT_FAILED"]
+__all__ = ["run_worker", "STOP_SIGNAL", "EXIT_INIT_FAILED", "EXIT_MEMORY"]

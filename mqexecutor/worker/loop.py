@@ -48,21 +48,27 @@ from ..protocol import (
     ProtocolError,
     Status,
     batch_entries,
+    build,
     entry_payload_start,
     ok_result,
     parse,
     reference_text,
     task_payload,
+    task_timeout,
     unpack_header,
 )
+from ..relay import WorkerRelay
 from ..scoreboard import Scoreboard
 from .batcher import NO_VALUE, ResultBatcher
 from .replies import Replier, drop_results, encode_outcome, format_exc
 
-__all__ = ["TaskWorker", "request_stop", "stop_requested", "EXIT_INIT_FAILED"]
+__all__ = ["TaskWorker", "request_stop", "stop_requested", "EXIT_INIT_FAILED", "EXIT_MEMORY"]
 
 #: Exit status of a worker whose initializer raised.
 EXIT_INIT_FAILED = 3
+#: Exit status of a worker recycled because its resident set grew above
+#: ``max_memory_per_child`` (after ``max_tasks_per_child`` tasks: 0).
+EXIT_MEMORY = 4
 
 #: Flags a task read in place from a batch must not have (see handle_batch).
 _NOT_PLAIN = 0xFFFF & ~(F_FN_REF | F_TARGETED)
@@ -92,6 +98,9 @@ def _flush_output() -> None:
         pass
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
 class TaskWorker:
     """One task worker's state and loop.
 
@@ -117,12 +126,30 @@ class TaskWorker:
         self.inline_max = msgmax() - HEADER_SIZE
         self.mtype = wid + 1 if config.targeted else 0
         self.max_tasks = config.max_tasks_per_child or 0
+        self.max_rss = config.max_memory_per_child or 0
+        self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC) \
+            if self.max_rss else -1
+        #: Set once this worker must take no other task: its exit status.
+        self.recycle: int | None = None
         self.rejected = 0
         self.done = 0  # tasks run, for max_tasks_per_child
+        #: Tasks terminated by their producer (scoreboard), as last read.
+        self.terminated: set[tuple[int, int]] = set()
+        self.terminated_seen = 0
         self.subdirs: dict[tuple[int, int], str] = {}  # (pid, token) -> spill subdir
         self.spin = False  # poll before blocking in the next receive
         self.results = ResultBatcher(self.replier, outbox.outbox_path(config.board_dir, wid),
                                      wid, self.pid, start_thread)
+        #: What tasks log (and, for a notebook, print), sent to their producer.
+        self.relay: WorkerRelay | None = None
+        if config.log_level is not None or config.relay_output:
+            self.relay = WorkerRelay(self.replier.send, wid, self.pid,
+                                     (config.owner_reply_key, config.owner_pid,
+                                      config.owner_token), start_thread, config.authkey)
+            if config.log_level is not None:
+                self.relay.capture_logs(config.log_level)
+            if config.relay_output:
+                self.relay.capture_output()
         # The handler of every message, chosen once: Swoole packets, or
         # mqexecutor's own messages (and JSON tasks, told by their first byte).
         self.handle: Callable[[bytes], None] = self.handle_message
@@ -166,9 +193,22 @@ class TaskWorker:
             self.handle(raw)
             _flush_output()
             self.spin = True
-            if self.max_tasks and self.done >= self.max_tasks:
-                break
+            if self.recycle is not None:
+                return self.recycle
         return 0
+
+    def after_task(self) -> None:
+        """Count a task; after ``max_tasks_per_child`` of them, or with a
+        resident set above ``max_memory_per_child``, take no other one."""
+        self.done += 1
+        if self.max_tasks and self.done >= self.max_tasks:
+            self.recycle = 0
+        elif self.max_rss and self.rss() > self.max_rss:
+            self.recycle = EXIT_MEMORY
+
+    def rss(self) -> int:
+        """This process's resident set, bytes (/proc/self/statm)."""
+        return int(os.pread(self._statm, 64, 0).split()[1]) * _PAGE
 
     def receive(self) -> tuple[bytes, int] | None:
         """The next message for this worker (None: stop, or the queue is gone)."""
@@ -223,7 +263,7 @@ class TaskWorker:
         if reason is not None:
             self.reject(raw, reason)
         else:
-            self.done += 1
+            self.after_task()
 
     def handle_message(self, raw: bytes) -> None:
         """Handle a message of mqexecutor's own (a TASK or a BATCH) or a JSON task."""
@@ -232,14 +272,14 @@ class TaskWorker:
             if reason is not None:
                 self.reject(raw, reason)
             else:
-                self.done += 1
+                self.after_task()
             return
         if len(raw) >= HEADER_SIZE and raw[:2] == MAGIC and raw[4] & F_BATCH:
             self.handle_batch(raw)
             return
         self.handle_task(raw)
         self.board.idle(self.wid)
-        self.done += 1
+        self.after_task()
 
     def handle_batch(self, raw: bytes) -> None:
         """Run the tasks of a BATCH message in order. The slot moves from one
@@ -250,7 +290,7 @@ class TaskWorker:
 
         Inner tasks are read in place; one with anything but the plain flags
         (FN_REF, TARGETED), or any pool with an authkey, takes the checked
-        path of :meth:`handle_task` instead."""
+        path of :meth:`handle_task` instead (a time limit, for instance)."""
         try:
             h = unpack_header(raw)
             entries = batch_entries(raw, HEADER_SIZE)
@@ -266,17 +306,16 @@ class TaskWorker:
         fast = cfg.authkey is None
         unpack = HEADER_STRUCT.unpack_from
         task_kind = int(Kind.TASK)  # an enum member's lookup costs 80 ns per task
-        max_tasks = self.max_tasks
         try:
             for i, (off, n) in enumerate(entries):
-                if _stop or (max_tasks and self.done >= max_tasks):
+                if _stop or self.recycle is not None:
                     results.flush()
                     for o, m in entries[i:]:
                         self.requeue(raw[o:o + m], mtype)
                     return
                 if results.due():
                     results.flush()
-                self.done += 1
+                self.after_task()
                 if fast and n > HEADER_SIZE + 2:
                     (magic, version, kind, flags, _status, task_id, token, reply, pid,
                      _worker, length) = unpack(raw, off)
@@ -299,17 +338,21 @@ class TaskWorker:
             h, body = parse(raw, self.cfg.authkey)
             if h.kind != Kind.TASK:
                 raise ProtocolError(f"kind {h.kind} is not a task")
-            payload = task_payload(body)
+            payload = task_payload(body, h.flags)
+            limit = task_timeout(body, h.flags)
         except ProtocolError as exc:
             self.reject(raw, str(exc))
             return
-        self.run_task(raw, h.flags, h.task_id, h.token, h.reply, h.pid, payload, results)
+        self.run_task(raw, h.flags, h.task_id, h.token, h.reply, h.pid, payload, results,
+                      int(limit * 1e9) if limit else 0)
 
     def run_task(self, raw: bytes | memoryview, flags: int, task_id: int, token: int,
                  reply: int, pid: int, payload: memoryview,
-                 results: ResultBatcher | None = None) -> None:
+                 results: ResultBatcher | None = None, limit_ns: int = 0) -> None:
         """Run the task of a checked TASK message (``raw``, whose header fields
-        and payload are given) and send its outcome, or leave it in ``results``."""
+        and payload are given; ``limit_ns``: its time limit, 0 for none) and
+        send its outcome, or leave it in ``results``. A task its producer
+        terminated is not run: the outcome is Status.CANCELLED."""
         cfg = self.cfg
         if reply == 0:
             self.reject(raw, "reply key 0 (IPC_PRIVATE) names no queue: refused")
@@ -328,7 +371,21 @@ class TaskWorker:
                                      self.inline_max, self.subdir(pid, token), cfg.authkey)
             self.replier.send(reply, refusal, pid, token)
             return
-        self.board.busy(self.wid, task_id, token, reply, pid)
+        board = self.board
+        board.busy(self.wid, task_id, token, reply, pid, limit_ns)
+        if board.generation() != self.terminated_seen:  # terminate() was called
+            self.terminated_seen = board.generation()
+            self.terminated = board.terminated()
+        if self.terminated and (token, task_id) in self.terminated:
+            if spilled and not keep:
+                spill.discard(reference_text(payload))
+            skipped = build(Kind.RESULT, 0, Status.CANCELLED, task_id, token, 0, self.pid,
+                            self.wid, b"", cfg.authkey)
+            if results is not None:
+                results.add(reply, pid, token, skipped, 0.0, task_id)
+            elif not self.replier.send(reply, skipped, pid, token):
+                drop_results([skipped], pid, token)
+            return
         ran = 0.0
         fn = args = kwargs = None
         try:
@@ -348,6 +405,9 @@ class TaskWorker:
                                  f"{type(exc).__name__}: {exc}")
             else:
                 context._task_id = task_id
+                relay = self.relay
+                if relay is not None:
+                    relay.begin(task_id, reply, pid, token)
                 started = time.perf_counter()
                 try:
                     status, outcome = Status.OK, fn(*args, **kwargs)
@@ -356,6 +416,8 @@ class TaskWorker:
                 finally:
                     context._task_id = None
                     ran = time.perf_counter() - started
+                    if relay is not None:
+                        relay.end()  # what it logged and printed goes first
             msg: bytes | None = None
             value: Any = NO_VALUE
             if not status and cfg.authkey is None and type(outcome) in PLAIN_TYPES:
