@@ -1,0 +1,282 @@
+"""What tasks log and print, relayed to the process that submitted them.
+
+* **Logging records.** A task worker's root logger gets one handler, a
+  ``logging.handlers.QueueHandler`` that puts each record (made picklable by
+  its ``prepare``, with ``worker_id`` and ``task_id`` attributes) in a bounded
+  buffer; the worker's relay thread sends them to the producer of the task
+  that emitted them, in RELAY messages on its reply queue. The producer's
+  collector hands each record to ``logging.getLogger(record.name).handle``,
+  as if the task had run in-process (the logging cookbook's socket receiver).
+  The worker's root logger takes the level the producer's root logger had
+  when the pool was made. ``MQExecutor(relay_logs=False)`` turns it off.
+* **Printed text, in a notebook.** When the producer runs in a Jupyter
+  kernel, a worker's ``sys.stdout`` and ``sys.stderr`` send what tasks write
+  the same way, and the producer writes it in the context (the cell) that
+  submitted the task. Elsewhere workers write to the terminal, as before.
+
+Nothing here blocks a task: beyond ``BUFFER`` items waiting, records and text
+are dropped and counted (``stats().relay_dropped``). Before a task's result is
+sent, the worker waits up to ``DRAIN_SECONDS`` for what it logged and printed
+to leave, so it arrives first.
+
+A RELAY message's body pickles ``(dropped, items)``: ``dropped`` counts what
+was dropped since the last message; each item is ``("log", task_id, dict of
+the record)`` or ``("out", task_id, "stdout" | "stderr", text)``.
+"""
+from __future__ import annotations
+
+import collections
+import contextvars
+import io
+import logging
+import logging.handlers
+import pickle
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .protocol import HEADER_SIZE, Kind, build
+
+__all__ = ["options", "in_notebook", "WorkerRelay", "deliver", "BUFFER", "DRAIN_SECONDS"]
+
+#: Items (records, pieces of text) a worker keeps waiting at most; beyond, it
+#: drops and counts them.
+BUFFER = 10_000
+#: Seconds a worker waits, at the end of a task, for its relayed items to leave.
+DRAIN_SECONDS = 0.5
+#: Bytes of pickled items per RELAY message, at most (a message holds msgmax).
+_MESSAGE_ITEMS = 6000
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (ipykernel's ``sys.stdout``)."""
+    return type(sys.stdout).__module__.startswith("ipykernel")
+
+
+def options(relay_logs: bool) -> dict:
+    """The PoolConfig fields of relaying for a pool made now: the root
+    logger's level (None: no log relay), and whether to relay printed text."""
+    return {"log_level": logging.getLogger().getEffectiveLevel() if relay_logs else None,
+            "relay_output": in_notebook()}
+
+
+# -- the producer's side ------------------------------------------------------------
+def deliver(items: list, context_of: Callable[[int], Any]) -> None:
+    """Hand relayed items to this process's logging and streams; ``context_of``
+    gives the ``contextvars.Context`` a task was submitted in (or None), in
+    which they are handled (a notebook shows them under that cell)."""
+    for item in items:
+        try:
+            context = context_of(item[1])
+            if item[0] == "log":
+                record = logging.makeLogRecord(item[2])
+                logger = logging.getLogger(record.name)
+                if logger.isEnabledFor(record.levelno):
+                    _run(context, logger.handle, record)
+            elif item[0] == "out":
+                stream = sys.stderr if item[2] == "stderr" else sys.stdout
+                _run(context, stream.write, item[3])
+        except Exception:  # noqa: BLE001 - a bad record or handler must not stop the rest
+            pass
+
+
+def _run(context: Any, fn: Callable, arg: Any) -> None:
+    if context is None:
+        fn(arg)
+    else:
+        context.run(fn, arg)
+
+
+def submit_context() -> contextvars.Context:
+    """The context a task is submitted in (kept on its Future when text is
+    relayed): ipykernel's streams find the cell there."""
+    return contextvars.copy_context()
+
+
+# -- the worker's side --------------------------------------------------------------
+class _Handler(logging.handlers.QueueHandler):
+    """The worker root logger's handler: records go to the relay, never block."""
+
+    def __init__(self, relay: WorkerRelay):
+        super().__init__(None)  # type: ignore[arg-type]
+        self.relay = relay
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = super().prepare(record)
+        record.worker_id = self.relay.wid
+        record.task_id = self.relay.task_id
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.relay.add(("log", record.__dict__["task_id"], record.__dict__))
+
+
+class _Writer(io.TextIOBase):
+    """A worker's sys.stdout or sys.stderr that relays what is written,
+    a line at a time (and what is left at each flush)."""
+
+    def __init__(self, relay: WorkerRelay, name: str, original: Any):
+        self.relay = relay
+        self.name = name
+        self.original = original
+        self.buffer_: list[str] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.buffer_.append(text)
+        if "\n" in text or sum(map(len, self.buffer_)) > 4096:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buffer_:
+            text = "".join(self.buffer_)
+            self.buffer_ = []
+            self.relay.add(("out", self.relay.task_id, self.name, text))
+
+    def fileno(self) -> int:
+        return self.original.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+
+class WorkerRelay:
+    """A task worker's relay: a bounded buffer and the thread that sends it.
+
+    Args:
+        send (callable): ``send(reply, message, pid, token) -> bool``, the
+            worker's Replier.send.
+        wid (int), pid (int): the worker's id and pid (message headers).
+        owner (tuple): (reply key, pid, token) of the pool's owner, where
+            what happens outside a task goes.
+        start_thread (callable): the worker's helper-thread starter.
+        authkey (bytes | None): signs RELAY messages (a pool with an authkey
+            refuses unsigned ones).
+    """
+
+    def __init__(self, send: Callable[..., bool], wid: int, pid: int,
+                 owner: tuple[int, int, int], start_thread: Callable[..., Any],
+                 authkey: bytes | None = None):
+        self.send = send
+        self.wid = wid
+        self.pid = pid
+        self.authkey = authkey
+        self.writers: list[_Writer] = []
+        self.owner = owner
+        self.route = owner  # (reply, pid, token) of the task running
+        self.task_id: int | None = None
+        self.items: collections.deque[tuple] = collections.deque()
+        self.dropped = 0
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+        self.idle = threading.Event()
+        self.idle.set()
+        start_thread(self._run, "mqexecutor-relay")
+
+    # -- set-up ------------------------------------------------------------------
+    def capture_logs(self, level: int) -> None:
+        """Make the root logger relay its records at or above ``level``."""
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.addHandler(_Handler(self))
+        root.setLevel(level)
+
+    def capture_output(self) -> None:
+        """Relay what is written to sys.stdout and sys.stderr."""
+        self.writers = [_Writer(self, "stdout", sys.__stdout__),
+                        _Writer(self, "stderr", sys.__stderr__)]
+        sys.stdout, sys.stderr = self.writers  # type: ignore[assignment]
+
+    # -- tasks -------------------------------------------------------------------
+    def begin(self, task_id: int, reply: int, pid: int, token: int) -> None:
+        """A task starts: what is logged or printed now goes to its producer."""
+        self.task_id = task_id
+        self.route = (reply, pid, token)
+
+    def end(self) -> None:
+        """The task returned: flush what it printed, and wait (at most
+        DRAIN_SECONDS) until what it relayed has left."""
+        for writer in self.writers:
+            writer.flush()
+        if self.items:
+            self.idle.wait(DRAIN_SECONDS)
+        self.task_id = None
+        self.route = self.owner
+
+    def add(self, item: tuple) -> None:
+        """Queue an item for the current route; drop it when BUFFER are waiting."""
+        with self.lock:
+            if len(self.items) >= BUFFER:
+                self.dropped += 1
+                return
+            self.items.append((self.route, item))
+            self.idle.clear()
+        self.ready.set()
+
+    # -- the relay thread --------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self.ready.wait()
+            self.ready.clear()
+            while True:
+                with self.lock:
+                    if not self.items:
+                        self.idle.set()
+                        break
+                    route = self.items[0][0]
+                    batch: list = []
+                    size = 0
+                    while self.items and self.items[0][0] == route and size < _MESSAGE_ITEMS:
+                        item = self.items.popleft()[1]
+                        batch.append(item)
+                        size += _size(item)
+                    dropped, self.dropped = self.dropped, 0
+                self._send(route, dropped, batch)
+
+    def _send(self, route: tuple[int, int, int], dropped: int, batch: list) -> None:
+        reply, pid, token = route
+        body = _dumps((dropped, batch))
+        message = build(Kind.RELAY, 0, 0, 0, token, 0, self.pid, self.wid, body, self.authkey)
+        if len(message) > HEADER_SIZE + 8000 and len(batch) > 1:  # too big: halve it
+            half = len(batch) // 2
+            self._send(route, dropped, batch[:half])
+            self._send(route, 0, batch[half:])
+            return
+        try:
+            self.send(reply, message, pid, token)
+        except Exception:  # noqa: BLE001 - the relay must not die
+            pass
+
+
+def _size(item: tuple) -> int:
+    if item[0] == "out":
+        return len(item[3]) + 32
+    return 64 + len(str(item[2].get("msg", "")))
+
+
+def _dumps(obj: Any) -> bytes:
+    """Pickle relayed items; a record attribute that does not pickle (an
+    ``extra=`` object) travels as its repr."""
+    try:
+        return pickle.dumps(obj, 5)
+    except Exception:  # noqa: BLE001
+        dropped, batch = obj
+        safe = []
+        for item in batch:
+            if item[0] == "log":
+                record = {}
+                for key, value in item[2].items():
+                    try:
+                        pickle.dumps(value, 5)
+                        record[key] = value
+                    except Exception:  # noqa: BLE001
+                        record[key] = repr(value)
+                item = ("log", item[1], record)
+            safe.append(item)
+        return pickle.dumps((dropped, safe), 5)
+
