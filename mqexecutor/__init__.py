@@ -38,7 +38,7 @@ _EXPORTS = {
     "BrokenMQPool": "errors", "BrokenProcessPool": "errors",
     "TerminatedWorkerError": "errors", "TaskUnpicklingError": "errors",
     "ResultUnpicklingError": "errors", "QueueModeError": "errors",
-    "RemoteTraceback": "errors",
+    "RemoteTraceback": "errors", "TaskTimeoutError": "errors",
 }
 
 __all__ = [
@@ -46,7 +46,7 @@ __all__ = [
     "CapacityWarning", "ftok", "worker_id", "current_task_id", "remove_queue", "msgmax",
     "msgmnb", "progress", "progress_map", "BrokenMQPool", "BrokenProcessPool",
     "TerminatedWorkerError", "TaskUnpicklingError", "ResultUnpicklingError",
-    "QueueModeError", "RemoteTraceback", "__version__",
+    "QueueModeError", "RemoteTraceback", "TaskTimeoutError", "__version__",
 ]
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ if TYPE_CHECKING:
         QueueModeError,
         RemoteTraceback,
         ResultUnpicklingError,
+        TaskTimeoutError,
         TaskUnpicklingError,
         TerminatedWorkerError,
     )

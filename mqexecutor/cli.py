@@ -152,7 +152,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
     for raw in [inner for _, whole in messages for inner in flatten(whole)]:
         try:
             h, body = parse(raw)
-            name, _ = split_task_body(body)
+            name, _ = split_task_body(body, h.flags)
         except ProtocolError:
             foreign += 1
             continue

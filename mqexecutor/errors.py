@@ -11,7 +11,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
     "BrokenProcessPool", "BrokenMQPool", "TerminatedWorkerError", "TaskUnpicklingError",
-    "ResultUnpicklingError", "RemoteTraceback", "QueueModeError",
+    "ResultUnpicklingError", "RemoteTraceback", "QueueModeError", "TaskTimeoutError",
 ]
 
 
@@ -56,6 +56,36 @@ class TerminatedWorkerError(BrokenProcessPool):
 def _rebuild_terminated(message, worker_id, pid, exitcode, task_id, fn_name):
     return TerminatedWorkerError(message, worker_id=worker_id, pid=pid,
                                  exitcode=exitcode, task_id=task_id, fn_name=fn_name)
+
+
+class TaskTimeoutError(TimeoutError):
+    """The task ran longer than its time limit (``MQExecutor(task_timeout=)``,
+    ``ex.with_options(timeout=)``): its worker was stopped (SIGTERM, then
+    SIGKILL) and replaced under the same id. Retries do not apply.
+
+    Attributes:
+        task_id (int), fn_name (str): the task.
+        limit (float): its time limit, seconds.
+        worker_id (int), pid (int): the worker that was stopped.
+    """
+
+    def __init__(self, message: str, *, task_id: int = 0, fn_name: str = "",
+                 limit: float = 0.0, worker_id: int = -1, pid: int = 0):
+        super().__init__(message)
+        self.task_id = task_id
+        self.fn_name = fn_name
+        self.limit = limit
+        self.worker_id = worker_id
+        self.pid = pid
+
+    def __reduce__(self):
+        return (_rebuild_timeout, (self.args[0], self.task_id, self.fn_name, self.limit,
+                                   self.worker_id, self.pid))
+
+
+def _rebuild_timeout(message, task_id, fn_name, limit, worker_id, pid):
+    return TaskTimeoutError(message, task_id=task_id, fn_name=fn_name, limit=limit,
+                            worker_id=worker_id, pid=pid)
 
 
 class TaskUnpicklingError(BrokenProcessPool):

@@ -100,7 +100,7 @@ class MQFuture(Future):
     Condition's wait and notify are never needed.
     """
 
-    def __init__(self, task_id: int = 0, fn_name: str = "", lock: Any = None):
+    def __init__(self, task_id: int = 0, fn_name: str = "", dispatch: Any = None):
         # The attributes of Future.__init__ (the same from Python 3.8 to 3.15);
         # _state, _result and _exception start as the class defaults below,
         # _done_callbacks is made on first use.
@@ -108,7 +108,8 @@ class MQFuture(Future):
         self._waiters: list = []
         self.task_id = task_id
         self.fn_name = fn_name
-        self._mq_lock = lock
+        #: The pool's Dispatcher (its lock guards the PENDING -> RUNNING move).
+        self._dispatch = dispatch
 
     _state = PENDING
     _result = None
@@ -130,6 +131,8 @@ class MQFuture(Future):
     _spill_ref: str | None = None  # its spill file, when it has one
     _retries = 0  # runs left after a worker death
     _attempts = 0  # times it was sent
+    _timeout: float | None = None  # its time limit, seconds
+    _context: Any = None  # the contextvars.Context of its submit (relay.py), in a notebook
     _keep = False  # keep _message: it may be sent again
     #: The Futures whose tasks went in one BATCH message with this one.
     _batch: list[MQFuture] | None = None
@@ -287,17 +290,52 @@ class MQFuture(Future):
         """Cancel the task if it has not been handed to the kernel queue yet.
 
         Returns True when cancelled, False when it is running or done (as
-        ``concurrent.futures.Future.cancel``).
+        ``concurrent.futures.Future.cancel``; :meth:`terminate` stops a
+        running task too).
         """
-        lock = self._mq_lock
-        if lock is None:
+        dispatch = self._dispatch
+        if dispatch is None:
             cancelled = super().cancel()
         else:
-            with lock:
+            with dispatch.lock:
                 cancelled = super().cancel()
         if cancelled:
             self._wake_result_waiters()
         return cancelled
+
+    def terminate(self) -> bool:
+        """Stop this task, whether it waits or runs (pebble's cancel of a
+        running future): a task still in this process is cancelled as
+        :meth:`cancel` does; one in the kernel queue will not run; one a
+        worker runs has that worker stopped (SIGTERM, then SIGKILL) and
+        replaced under the same id. The Future then ends CANCELLED:
+        ``cancelled()`` is True and ``result()`` raises CancelledError.
+
+        Returns:
+            bool: True when it was stopped or will not run; False when it is
+            done already, or when it was submitted through
+            ``MQExecutor.attach`` and left this process (only the pool's
+            owner can stop its workers).
+        """
+        if self.cancel():
+            return True
+        dispatch = self._dispatch
+        if dispatch is None or self._state in DONE_STATES:
+            return False
+        return dispatch.terminate(self)
+
+    def _terminated(self) -> bool:
+        """End as CANCELLED a task that left this process (``terminate``):
+        wake whoever waits, run the callbacks. False when it is done already."""
+        with self._condition:
+            if self._state in DONE_STATES:
+                return False
+            self._state = _futures_base.CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+        if self._done_callbacks:
+            self._invoke_callbacks()  # type: ignore[attr-defined]
+        return True
 
     def _wake_result_waiters(self) -> None:
         with self._condition:

@@ -11,8 +11,10 @@ import sysv_ipc
 from . import ipcinfo, persistence, queues, spill
 from .errors import QueueModeError
 from .mode import Mode
+from .protocol import MAX_TIMEOUT
 
 __all__ = ["check_key_mode", "check_authkey", "check_retries", "check_capacity",
+           "check_timeout", "check_max_memory",
            "check_max_workers", "check_max_tasks_per_child", "check_batch_size",
            "check_no_live_owner", "set_capacity", "cpu_count", "CapacityWarning"]
 
@@ -66,6 +68,38 @@ def check_max_workers(max_workers: Any) -> int:
     if max_workers <= 0:
         raise ValueError("max_workers must be greater than 0")
     return max_workers
+
+
+def check_timeout(seconds: Any, name: str = "timeout") -> float | None:
+    """A time limit: None, or a number of seconds in (0, protocol.MAX_TIMEOUT].
+
+    Raises:
+        TypeError: not a number. ValueError: not > 0, or too large.
+    """
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not {seconds!r}")
+    if not 0 < seconds <= MAX_TIMEOUT:
+        raise ValueError(f"{name} must be > 0 and <= {MAX_TIMEOUT:.0f} seconds, "
+                         f"not {seconds!r}")
+    return float(seconds)
+
+
+def check_max_memory(nbytes: Any) -> int | None:
+    """``max_memory_per_child``: None or a number of bytes >= 1 MiB.
+
+    Raises:
+        TypeError: not an int. ValueError: under 1 MiB (a worker needs more).
+    """
+    if nbytes is None:
+        return None
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"max_memory_per_child must be an int number of bytes, "
+                        f"not {nbytes!r}")
+    if nbytes < 2**20:
+        raise ValueError(f"max_memory_per_child must be at least 1 MiB (bytes), not {nbytes}")
+    return nbytes
 
 
 def check_max_tasks_per_child(n: Any) -> int | None:

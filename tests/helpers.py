@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -417,3 +418,32 @@ class FalsyError(Exception):
 
 def raise_falsy():
     raise FalsyError("falsy but raised")
+
+
+def kill_tree_groups(pid: int) -> bool:
+    """SIGKILL every process group in the tree of ``pid`` (its own, and its
+    pool managers', which lead groups of their own that their workers join):
+    the whole tree at once, as the OOM killer of a cgroup would. True when
+    ``pid`` was still there."""
+    groups = set()
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            groups.add(os.getpgid(p))
+        except ProcessLookupError:
+            continue
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == p:
+                            stack.append(int(name))
+                except (OSError, ValueError, IndexError):
+                    pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return bool(groups)

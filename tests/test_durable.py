@@ -29,7 +29,15 @@ import sysv_ipc
 from mqexecutor import MQExecutor, ipcinfo, journal, persistence
 from mqexecutor.protocol import unpack_header
 
-from .helpers import REPO, Gate, gated, shutdown_or_fail, unused_key, wait_until
+from .helpers import (
+    REPO,
+    Gate,
+    gated,
+    kill_tree_groups,
+    shutdown_or_fail,
+    unused_key,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,13 +106,9 @@ class Tree:
         return line
 
     def kill(self) -> bool:
-        """SIGKILL the whole tree (the script and its workers); True when it
-        was still running."""
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-            killed = True
-        except ProcessLookupError:
-            killed = False
+        """SIGKILL the whole tree (the script, its pool's manager and
+        workers); True when it was still running."""
+        killed = kill_tree_groups(self.pid)
         self.wait()
         return killed
 

@@ -31,6 +31,7 @@ from .helpers import (
     REPO,
     Gate,
     identity,
+    kill_tree_groups,
     no_core,
     pool,
     producer_subdir,
@@ -384,11 +385,16 @@ busy = [ex.submit(gated, gate, started, i) for i in range(2)]
 # spilled tasks waiting in the kernel queue: their spill files are on disk
 waiting = [ex.submit(len, bytes(20_000)) for _ in range(3)]
 print("STATE", json.dumps({"pid": os.getpid(), "task_key": ex.key,
-                           "reply_key": ex.reply_key,
+                           "reply_key": ex.reply_key, "manager": ex._state.manager.pid,
                            "subdir": subdir, "workers": sorted(ex._processes)}),
       flush=True)
 time.sleep(300)
 """
+
+
+def kill_the_tree(state) -> None:
+    """SIGKILL the owner, its manager and its workers at once."""
+    kill_tree_groups(state["pid"])
 
 # A stand-in for init: a child subreaper that starts the owner in its own
 # session and reaps every orphan once `reap` exists ("-": at once). On this
@@ -446,7 +452,7 @@ def stop_crashing_owner(reaper, state, gate: Gate, reap: str) -> None:
         with open(reap, "a"):
             pass
     if state is not None and process_state(state["pid"]) not in ("", "Z"):
-        os.killpg(state["pid"], signal.SIGKILL)
+        kill_the_tree(state)
     try:
         reaper.wait(30)
     except subprocess.TimeoutExpired:
@@ -462,14 +468,14 @@ def stop_crashing_owner(reaper, state, gate: Gate, reap: str) -> None:
 
 @pytest.mark.timeout(60)
 def test_gc_reclaims_a_sigkilled_private_executor(tmp_path):
-    """A private executor and its workers all SIGKILLed at once (killpg): nobody
-    cleans up, so its task queue, reply queue and spill directory (with the
-    spill files of queued tasks) stay until ``mqexecutor gc`` removes them."""
+    """A private executor, its manager and its workers all SIGKILLed at once:
+    nobody cleans up, so its task queue, reply queue and spill directory (with
+    the spill files of queued tasks) stay until ``mqexecutor gc`` removes them."""
     gate, state = Gate(tmp_path), None
     reaper, state = start_crashing_owner(tmp_path, gate, "-")
     try:
-        os.killpg(state["pid"], signal.SIGKILL)
-        procs = [state["pid"]] + state["workers"]
+        kill_the_tree(state)
+        procs = [state["pid"], state["manager"]] + state["workers"]
         assert wait_until(lambda: not any(process_state(p) for p in procs), 10), \
             [process_state(p) for p in procs]
         keys = (state["task_key"], state["reply_key"])
@@ -495,9 +501,9 @@ def test_gc_reclaims_queues_of_killed_workers_not_yet_reaped(tmp_path):
     gate, state, reap = Gate(tmp_path), None, str(tmp_path / "reap")
     reaper, state = start_crashing_owner(tmp_path, gate, reap)
     try:
-        os.killpg(state["pid"], signal.SIGKILL)
-        assert wait_until(lambda: all(process_state(p) == "Z"
-                                      for p in [state["pid"]] + state["workers"]), 10)
+        kill_the_tree(state)
+        assert wait_until(lambda: all(process_state(p) == "Z" for p in
+                                      [state["pid"], state["manager"]] + state["workers"]), 10)
         persistence.collect_garbage()
         for k in (state["task_key"], state["reply_key"]):
             assert ipcinfo.queue_info(k) is None, f"queue {k:#x} not reclaimed"

@@ -164,7 +164,7 @@ def adopt_leftovers(state: PoolState, mode_name: str, swoole: bool) -> Adopted:
     for raw, mtype, h in adopt:
         if targeted and not 0 <= h.worker < dispatch.max_workers:
             try:
-                name, _ = split_task_body(parse(raw)[1])
+                name, _ = split_task_body(parse(raw)[1], h.flags)
             except ProtocolError:
                 name = "?"
             stranded.append(StrandedTask(h.task_id, h.worker, name, h.pid))
@@ -186,13 +186,13 @@ def adopt_leftovers(state: PoolState, mode_name: str, swoole: bool) -> Adopted:
         for raw, mtype, h in kept_adopt:
             task_id = next(dispatch.ids)
             try:
-                name, payload = split_task_body(parse(raw)[1])
+                name, payload = split_task_body(parse(raw)[1], h.flags)
                 message = replace_route(raw, task_id, res.token, res.reply_queue.key,
                                         res.pid, dispatch.authkey)
             except ProtocolError as exc:
                 deadletter.record(key, raw, f"not adopted: {exc}", None)
                 continue
-            fut = MQFuture(task_id, name, dispatch.lock)
+            fut = MQFuture(task_id, name, dispatch)
             fut.original_task_id = h.task_id
             fut.original_pid = h.pid
             worker = h.worker if targeted else -1

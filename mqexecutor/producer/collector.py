@@ -21,7 +21,7 @@ from typing import Any
 import sysv_ipc
 
 from .. import codec, queues, spill
-from ..errors import ResultUnpicklingError, TerminatedWorkerError
+from ..errors import ResultUnpicklingError, TaskTimeoutError, TerminatedWorkerError
 from ..future import MQFuture, fail, finish_values, set_outcome
 from ..manager.process import describe_exit
 from ..protocol import (
@@ -34,6 +34,7 @@ from ..protocol import (
     HEADER_STRUCT,
     MAGIC,
     WIRE_VERSION,
+    DeathCause,
     Kind,
     ProtocolError,
     Status,
@@ -44,6 +45,7 @@ from ..protocol import (
     split_values,
     unpack_header,
 )
+from ..relay import deliver
 from .state import PoolState
 
 __all__ = ["Collector", "REPLY_QUEUE_GONE"]
@@ -52,6 +54,7 @@ REPLY_QUEUE_GONE = ("the reply queue was removed from the kernel (ipcrm?) while 
                     "was running: the outcomes of its tasks cannot come back")
 
 _PLAIN_RESULT = (MAGIC, WIRE_VERSION, int(Kind.RESULT))
+_RELAY = int(Kind.RELAY)
 
 
 class Collector(threading.Thread):
@@ -141,8 +144,31 @@ class Collector(threading.Thread):
                 return self.handle_values(raw)
             if raw[4] & F_BATCH:
                 return self.handle_batch(raw)
+            if raw[3] == _RELAY:
+                self.handle_relay(raw)
+                return 0
         self.handle_result(raw)
         return 1
+
+    def handle_relay(self, raw: bytes) -> None:
+        """A RELAY message: logging records and printed text of tasks
+        (:mod:`mqexecutor.relay`), handled in the context each was submitted in."""
+        try:
+            h, body = parse(raw, self.authkey)
+            if h.token != self.token:
+                return
+            dropped, items = pickle.loads(body)
+        except Exception as exc:  # noqa: BLE001 - ProtocolError, a bad pickle
+            _refused(exc)
+            return
+        self.state.relay_dropped += dropped
+        pending = self.dispatch.pending
+
+        def context_of(task_id: Any) -> Any:
+            fut = pending.get(task_id) if task_id else None
+            return None if fut is None else fut._context
+
+        deliver(items, context_of)
 
     def handle_batch(self, raw: bytes) -> int:
         """A RESULT BATCH: the results of one BATCH's tasks."""
@@ -293,6 +319,11 @@ class Collector(threading.Thread):
         if h.status == Status.WORKER_DIED:
             self.worker_died(h.task_id, body)
             return
+        if h.status == Status.CANCELLED:  # terminated before it ran: forgotten already
+            fut = dispatch.take(h.task_id)
+            if fut is not None:
+                fut._terminated()
+            return
         fut = dispatch.take(h.task_id)
         if fut is None:
             if spilled:
@@ -324,8 +355,9 @@ class Collector(threading.Thread):
         tasks of its batch that never started, run the task again if it has
         retries left, else fail it."""
         dispatch = self.dispatch
+        cause: int = DeathCause.DIED
         try:
-            wid, pid, exitcode, _task, _cause = parse_death_body(body)
+            wid, pid, exitcode, _task, cause = parse_death_body(body)
             err = TerminatedWorkerError(
                 f"task worker {wid} (pid {pid}) died with {describe_exit(exitcode)} "
                 f"while running task {task_id}", worker_id=wid, pid=pid, exitcode=exitcode,
@@ -355,8 +387,9 @@ class Collector(threading.Thread):
                     else:
                         lost.append(dispatch.take(it.task_id) or it)
             item = pending.get(task_id)
-            if item is not None and not item.done() and item._retries > 0 and item._message:
-                item._retries -= 1  # run it again (retries=)
+            if (item is not None and not item.done() and item._retries > 0 and item._message
+                    and cause == DeathCause.DIED):
+                item._retries -= 1  # run it again (retries=; not past a time limit)
                 again.insert(0, item)
                 item = None
             elif item is not None:
@@ -373,6 +406,14 @@ class Collector(threading.Thread):
                 worker_id=err.worker_id, pid=err.pid, exitcode=err.exitcode,
                 task_id=it.task_id))
         if item is None or item.done():
+            return
+        if cause == DeathCause.TIMEOUT:
+            limit = item._timeout or 0.0
+            self.fail_item(item, TaskTimeoutError(
+                f"task {task_id} ({item.fn_name}) ran longer than its time limit of "
+                f"{limit:g} s: task worker {err.worker_id} (pid {err.pid}) was stopped",
+                task_id=task_id, fn_name=item.fn_name, limit=limit,
+                worker_id=err.worker_id, pid=err.pid))
             return
         self.fail_item(item, err)
 

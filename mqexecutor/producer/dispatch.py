@@ -24,12 +24,14 @@ import sysv_ipc
 from .. import codec, functions, queues, spill
 from ..errors import BrokenMQPool
 from ..future import CANCELLED_STATES, DONE_STATES, MQFuture, fail
+from ..manager.process import TERMINATE, WATCH
 from ..protocol import (
     F_BATCH,
     F_FN_REF,
     F_KEEP_SPILL,
     F_SPILL,
     F_TARGETED,
+    F_TIMEOUT,
     F_VALUES,
     HEADER_SIZE,
     LEN_STRUCT,
@@ -41,8 +43,10 @@ from ..protocol import (
     pack_task,
     spill_reference,
     targeted_mtype,
+    timeout_field,
     unpack_header,
 )
+from ..relay import submit_context
 from .pool import PoolFlags, Resources, interpreter_exiting
 
 __all__ = ["Dispatcher"]
@@ -60,6 +64,9 @@ class Dispatcher:
         retries (int): the executor's default retries after a worker death.
         authkey (bytes | None): signs every task message.
         batch_size (int | None): fixed tasks per BATCH message; None: adapted.
+        task_timeout (float | None): the time limit of every task, seconds.
+        capture_context (bool): keep the context of each submit on its Future
+            (a notebook shows what a task prints under the cell that submitted it).
 
     The collector thread alone updates ``finished``, ``completed``,
     ``batch_limit`` and the rate marks (``take``, ``note_results``,
@@ -67,13 +74,23 @@ class Dispatcher:
     """
 
     def __init__(self, res: Resources, flags: PoolFlags, *, targeted: bool, max_workers: int,
-                 retries: int, authkey: bytes | None, batch_size: int | None):
+                 retries: int, authkey: bytes | None, batch_size: int | None,
+                 task_timeout: float | None = None, capture_context: bool = False):
         self.res = res
         self.flags = flags
         self.targeted = targeted
         self.max_workers = max_workers
         self.retries = retries
         self.authkey = authkey
+        self.task_timeout = task_timeout
+        #: Keep on each Future the context it was submitted in (relay.py).
+        self.capture_context = capture_context
+        #: Whether the manager watches time limits (it does from the start
+        #: with ``task_timeout``; else it is told at the first timed task).
+        self.watching = bool(task_timeout)
+        #: ``manager.send`` of the pool's manager process (None for attach():
+        #: the pool's owner watches the limits, and terminate() only cancels).
+        self.tell_manager: Callable[..., bool] | None = None
         self.durable = res.journal.durable
         self.lock = threading.RLock()
         self.backlog: collections.deque[MQFuture] = collections.deque()
@@ -114,13 +131,15 @@ class Dispatcher:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def submit(self, fn: Callable, args: tuple, kwargs: dict, target: int | None,
-               retries: int | None) -> MQFuture:
+               retries: int | None, timeout: float | None = None) -> MQFuture:
         """Encode ``fn(*args, **kwargs)`` and send it, or put it in the backlog.
 
         Args:
             target (int | None): the worker (targeted mode; checked by the
                 caller), None for the least loaded one / any worker.
             retries (int | None): runs after a worker death (None: the pool's).
+            timeout (float | None): the task's time limit, seconds (checked by
+                the caller; None: the pool's ``task_timeout``).
 
         Returns:
             MQFuture: failed already when the call cannot be pickled (as
@@ -139,11 +158,22 @@ class Dispatcher:
         res = self.res
         if retries is None:
             retries = self.retries
+        if timeout is None:
+            timeout = self.task_timeout
         info = functions.fn_info(fn)
         prefix = info.prefix
-        fut = MQFuture(0, info.name, self.lock)
+        fut = MQFuture(0, info.name, self)
+        if self.capture_context:  # a notebook: what the task prints shows in this cell
+            fut._context = submit_context()
+        if timeout:
+            if not self.watching:
+                self.watch_deadlines()
+            prefix += timeout_field(timeout)
+            fut._timeout = timeout
         keep = retries > 0 or self.durable
         task_flags = F_TARGETED if self.targeted else 0
+        if timeout:
+            task_flags |= F_TIMEOUT
         call: Any = fn
         if (info.reference is not None and getattr(info.owner, info.attr, None) is fn
                 and not codec.by_value_registry()):
@@ -212,6 +242,30 @@ class Dispatcher:
             if len(self.backlog) == 1:
                 res.wake()
         return fut
+
+    def watch_deadlines(self) -> None:
+        """Have the manager watch its workers' deadlines from now on."""
+        self.watching = True
+        if self.tell_manager is not None:
+            self.tell_manager(WATCH)
+
+    def terminate(self, fut: MQFuture) -> bool:
+        """Stop the task of ``fut``, which left this process (see
+        ``MQFuture.terminate``): put it in the scoreboard's list of terminated
+        tasks (a worker that takes it will not run it), end its Future
+        CANCELLED, and have the manager stop the worker running it, if one
+        does. False when it is done, or when this producer has no manager."""
+        board = self.res.board
+        if self.tell_manager is None or board is None:
+            return False
+        with self.lock:
+            if fut._state in DONE_STATES or self.pending.get(fut.task_id) is not fut:
+                return False
+            board.terminate(self.res.token, fut.task_id)
+            self.forget(fut)
+        fut._terminated()
+        self.tell_manager(TERMINATE, self.res.token, fut.task_id)
+        return True
 
     def by_value_reference(self, info: functions.FnInfo, fn: Callable) -> str | None:
         """The reference of ``fn``'s pickle by value (``"@<root>:<name>"``, a

@@ -23,7 +23,10 @@ from ..protocol import CONTROL_MTYPE
 from .pool import WorkerProcess
 from .state import PoolState
 
-__all__ = ["Monitor", "apply_event"]
+__all__ = ["Monitor", "apply_event", "RECYCLE_CAUSES"]
+
+#: The causes of a worker's exit that ``stats().recycles`` counts.
+RECYCLE_CAUSES = tuple(c for c in manager_process.CAUSES if c != "stopped")
 
 
 def apply_event(state: PoolState, event: tuple) -> None:
@@ -33,7 +36,8 @@ def apply_event(state: PoolState, event: tuple) -> None:
         _, wid, pid = event
         state.processes[wid] = WorkerProcess(wid, pid)
     elif kind == manager_process.EXITED:
-        _, wid, pid, exitcode = event
+        _, wid, pid, exitcode, cause = event
+        state.exits[cause] += 1
         proc = state.processes.get(wid)
         if proc is not None and proc.pid == pid:
             proc._set_exit(exitcode)

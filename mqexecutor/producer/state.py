@@ -6,6 +6,7 @@ shuts down, as ProcessPoolExecutor does.
 """
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Any
 
@@ -39,6 +40,10 @@ class PoolState:
         self.pid = res.pid
         self.manager: ManagerProcess | None = None
         self.processes: dict[int, WorkerProcess] = {}
+        #: Worker exits by cause (manager.process.CAUSES), as the manager reports them.
+        self.exits: collections.Counter[str] = collections.Counter()
+        #: Logging records and printed text workers dropped (relay.BUFFER full).
+        self.relay_dropped = 0
         self.collector: threading.Thread | None = None
         self.monitor: threading.Thread | None = None
 
