@@ -683,6 +683,7 @@ def run_plan(args: argparse.Namespace, cfg: dict, log) -> dict:
                     key = spec_key(full)
                     if key in cache:
                         continue
+                    check_environment()
                     timeout = args.timeout or default_timeout(full)
                     rec = run_child(full, timeout, log)
                     cache[key] = rec
@@ -745,6 +746,20 @@ def run_plan(args: argparse.Namespace, cfg: dict, log) -> dict:
         "summary": build_summary(runs),
         "warnings": warnings,
     }
+
+
+class EnvironmentGone(RuntimeError):
+    """The files or mounts the run stands on went away."""
+
+
+def check_environment() -> None:
+    """Before each measurement: are this directory and /proc still there? Under
+    with-python, another user's run re-mounts /src and, when it ends, unmounts
+    /proc, /dev and /dev/shm of the chroot: stop rather than measure nonsense."""
+    if not os.path.exists(CHILD) or not os.path.exists("/proc/self/status"):
+        raise EnvironmentGone(
+            f"{'/proc' if os.path.exists(CHILD) else HERE} is gone: another with-python "
+            "run took the chroot's mounts (one user at a time); run again when it is free")
 
 
 def log_record(rec: dict, full: dict, log) -> None:
@@ -811,7 +826,7 @@ def run_other_python(version: str, args: argparse.Namespace, stamp: str, log) ->
         inner += ["--library", "."]  # --no-snapshot: the working tree, live
     cmd = (f"set -e; [ -x {venv}/bin/python ] || /usr/bin/python{version} -m venv {venv}; "
            f"{venv}/bin/python -c 'import {mods}' 2>/dev/null || "
-           f"{venv}/bin/pip install --progress-bar off -q {reqs}; "
+           f"{venv}/bin/pip install --progress-bar off -qq {reqs}; "
            + " ".join(shlex.quote(a) for a in inner))
     log(f"== Python {version}: {os.path.relpath(tool, ROOT)} {version} -- '{cmd}'")
     proc = subprocess.Popen([tool, version, "--", cmd], cwd=ROOT, stdout=subprocess.PIPE,
@@ -827,8 +842,9 @@ def run_other_python(version: str, args: argparse.Namespace, stamp: str, log) ->
         with open(part) as f:
             data = json.load(f)
     except (OSError, ValueError):
+        errors = [t for t in tail if t.startswith("ERROR") or "Error" in t.split(":", 1)[0]]
         raise RuntimeError(f"with-python {version} exited {rc} without results: "
-                           + " | ".join(tail[-5:])) from None
+                           + (errors[-1] if errors else " | ".join(tail[-3:]))) from None
     finally:
         try:
             os.unlink(part)
@@ -881,7 +897,11 @@ def main(argv: list[str] | None = None) -> int:
         CHILD_ENV = dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + pp if pp else ""))
 
     if args.inner_json:  # one Python, inside with-python
-        data = run_plan(args, cfg, log)
+        try:
+            data = run_plan(args, cfg, log)
+        except EnvironmentGone as exc:
+            log(f"ERROR: {exc}")
+            return 2
         with open(os.path.join(ROOT, args.inner_json), "w") as f:
             json.dump(data, f, indent=1, default=repr)
         return 1 if any(r["status"] != "ok" for r in data["runs"]) else 0
