@@ -52,12 +52,18 @@ def ident(x):
     return x
 
 
+def nap(fn, x, seconds):
+    """Warm-up: ``fn(x)`` after a sleep, so that every worker gets one."""
+    time.sleep(seconds)
+    return fn(x)
+
+
 def functions(which: str) -> dict:
     """The task functions of spec["fn"]: "main" (this file's) or "module"."""
     if which == "module":
-        return {"inc": workload.inc, "ident": workload.ident}
+        return {"inc": workload.inc, "ident": workload.ident, "nap": workload.nap}
     if which == "main":
-        return {"inc": inc, "ident": ident}
+        return {"inc": inc, "ident": ident, "nap": nap}
     raise ValueError(f"unknown function set {which!r}")
 
 
@@ -125,9 +131,26 @@ def started(ad: adapters.Adapter, spec: dict, workers: int) -> None:
     record_ids(spec.get("ids_file"), queues=ad.queue_ids())
 
 
-def warm_up(ad: adapters.Adapter, workers: int, fn) -> None:
-    """Make sure every worker is up, and has run ``fn``, before anything is timed."""
-    hs = [ad.submit(fn, i) for i in range(4 * workers)]
+def warm_up(ad: adapters.Adapter, workers: int, fns: dict, fn: str = "inc",
+            arg=None) -> None:
+    """Make sure every worker is up and has run ``fns[fn]`` (on ``arg``, or on
+    ints) before anything is timed: 2 tasks per worker that sleep 50 ms first,
+    so that each worker takes one whatever the executor's way of sharing them
+    out, then 4 per worker at once. A worker's first task of a kind can cost
+    tens of milliseconds (a function sent by value, an import: numpy for an
+    ndarray), and would otherwise land in the figure of whichever worker got
+    no warm-up task."""
+    f, naps = fns[fn], fns["nap"]
+    if arg is not None:
+        hs = [ad.submit(naps, f, arg, 0.05) for _ in range(2 * workers)]
+        ad.wait_all(hs, 120)
+        if ad.errors(hs):
+            check_values(ad, hs, 0)  # raises with the first failure
+        return
+    hs = [ad.submit(naps, f, i, 0.05) for i in range(2 * workers)]
+    ad.wait_all(hs, 120)
+    check_values(ad, hs, 0)
+    hs = [ad.submit(f, i) for i in range(4 * workers)]
     ad.wait_all(hs, 120)
     check_values(ad, hs, 0)
 
@@ -175,7 +198,7 @@ def m_throughput(ad: adapters.Adapter, spec: dict, fns: dict) -> dict:
     fn = fns["inc"]
     base = rss_mb()
     started(ad, spec, w)
-    warm_up(ad, w, fn)
+    warm_up(ad, w, fns)
     gc.collect()
     out: dict = {}
     if method == "submit":
@@ -212,7 +235,7 @@ def m_latency(ad: adapters.Adapter, spec: dict, fns: dict) -> dict:
     w, n = spec["workers"], spec["n"]
     fn = fns["inc"]
     started(ad, spec, w)
-    warm_up(ad, w, fn)
+    warm_up(ad, w, fns)
     submit, result = ad.submit, ad.result
     for i in range(spec.get("warmup", 100)):
         result(submit(fn, i), 60)
@@ -237,7 +260,7 @@ def m_map(ad: adapters.Adapter, spec: dict, fns: dict) -> dict:
     w = spec["workers"]
     fn = fns["inc"]
     started(ad, spec, w)
-    warm_up(ad, w, fn)
+    warm_up(ad, w, fns)
     collections.deque(ad.map(fn, range(1000), 10), maxlen=0)
     out = {}
     for cs, n in spec["maps"]:
@@ -260,9 +283,8 @@ def m_array(ad: adapters.Adapter, spec: dict, fns: dict) -> dict:
     fn = fns["ident"]
     arr = np.arange(mb * 2**20 // 8, dtype=np.float64)
     started(ad, spec, w)
-    warm_up(ad, w, fns["inc"])
-    small = np.ones(2**17)
-    ad.result(ad.submit(fn, small), 120)
+    warm_up(ad, w, fns)
+    warm_up(ad, w, fns, "ident", np.ones(2**17))  # every worker imports numpy
     times = []
     for i in range(rounds):
         gc.collect()

@@ -4,9 +4,9 @@ run.py starts child.py with ``{"measure": "notebook", ...}``; child.py calls
 ``run(spec)`` here, which writes a kernelspec whose argv is this interpreter
 (``sys.executable -m ipykernel_launcher``, as tests/test_notebook.py does), and
 executes a notebook through nbclient. In the kernel, a cell defines the task
-function, ``inc``, so that it is a function of the kernel's ``__main__``, as a
-user's is; then one cell per executor kind, in the order of ``spec["order"]``,
-measures with child.py's own code:
+function, ``inc`` (and ``nap``, the warm-up's), so that it is a function of the
+kernel's ``__main__``, as a user's is; then one cell per executor kind, in the
+order of ``spec["order"]``, measures with child.py's own code:
 
 * submit throughput: ``inc(i)`` for 0 <= i < n, submit all, then wait;
 * latency: sequential ``submit(inc, i).result()``, median and p99;
@@ -49,7 +49,7 @@ def kernel_setup(ids_file: str | None) -> dict:
     return info
 
 
-def measure_in_kernel(kind: str, fn, spec: dict) -> dict:
+def measure_in_kernel(kind: str, fns: dict, spec: dict) -> dict:
     """One executor kind: throughput then latency, each on a fresh pool; prints
     ``NB_RESULT {json}``. A failure (e.g. a worker that cannot unpickle a
     cell's function) is reported in the result, not raised."""
@@ -57,8 +57,7 @@ def measure_in_kernel(kind: str, fn, spec: dict) -> dict:
 
     import adapters
     import child
-    out: dict = {"kind": kind, "fn_module": getattr(fn, "__module__", None)}
-    fns = {"inc": fn, "ident": fn}
+    out: dict = {"kind": kind, "fn_module": getattr(fns["inc"], "__module__", None)}
     for what, measure, sub in (
             ("throughput", child.m_throughput,
              {"measure": "throughput", "method": "submit", "n": spec["submit_n"]}),
@@ -98,10 +97,14 @@ def cells(spec: dict) -> list[str]:
         "import nbbench\n"
         f"SPEC = json.loads({json.dumps(sub)!r})\n"
         "nbbench.kernel_setup(SPEC['ids_file']);",
-        "def inc(x):\n    return x + 1",
+        "import time\n\n"
+        "def inc(x):\n    return x + 1\n\n"
+        "def nap(fn, x, seconds):  # the warm-up's\n"
+        "    time.sleep(seconds)\n    return fn(x)",
     ]
     for kind in spec["order"]:
-        out.append(f"nbbench.measure_in_kernel({kind!r}, inc, SPEC);")
+        out.append(f"nbbench.measure_in_kernel({kind!r}, {{'inc': inc, 'nap': nap}}, "
+                   "SPEC);")
     return out
 
 

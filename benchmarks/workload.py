@@ -5,6 +5,7 @@ The default figures call functions defined in child.py's own ``__main__``
 a module, which every executor pickles by reference. memory.py and
 profile_submit.py use ``noop`` and ``noop1``.
 """
+import time
 
 
 def inc(x):
@@ -15,6 +16,12 @@ def inc(x):
 def ident(x):
     """Returns its argument: the 100 MB array round trip."""
     return x
+
+
+def nap(fn, x, seconds):
+    """Warm-up: ``fn(x)`` after a sleep, so that every worker gets one."""
+    time.sleep(seconds)
+    return fn(x)
 
 
 def noop():
