@@ -275,8 +275,17 @@ def snapshot_library(ref: str | None, log, parent: str) -> tuple[str, dict]:
 
     Returns (directory, description). Retries a working tree that does not
     import (someone is in the middle of an edit) for up to a minute."""
+    parent = os.path.abspath(parent)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".lib-", dir=parent)
+    try:
+        return _snapshot_into(tmp, ref, log)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _snapshot_into(tmp: str, ref: str | None, log) -> tuple[str, dict]:
     src = os.path.join(ROOT, "mqexecutor")
     for attempt in range(20):
         dst = os.path.join(tmp, "mqexecutor")
@@ -300,7 +309,6 @@ def snapshot_library(ref: str | None, log, parent: str) -> tuple[str, dict]:
             f" retrying in 3 s: {check.stderr.strip().splitlines()[-1:]}")
         time.sleep(3)
     else:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise SystemExit("the working tree's mqexecutor does not import; "
                          "try --git-ref HEAD or --no-snapshot")
     desc = {"snapshot": f"git {ref}" if ref else "working tree, copied at the start of the run",
@@ -309,6 +317,8 @@ def snapshot_library(ref: str | None, log, parent: str) -> tuple[str, dict]:
         desc["snapshot_commit"] = subprocess.run(
             ["git", "-C", ROOT, "rev-parse", "--short", ref], capture_output=True,
             text=True).stdout.strip()
+    with open(os.path.join(tmp, "snapshot.json"), "w") as f:  # for the other Pythons
+        json.dump(desc, f)
     return tmp, desc
 
 
@@ -880,9 +890,13 @@ def main(argv: list[str] | None = None) -> int:
             args.library_desc = {"snapshot": "none: the working tree, live"}
         else:
             args.library_dir = lib
-            args.library_desc = {"snapshot": "copy made by the run of the first Python",
-                                 "snapshot_sources_sha256":
-                                     sources_hash(os.path.join(lib, "mqexecutor"))}
+            try:  # what the run that made the copy knew of it
+                with open(os.path.join(lib, "snapshot.json")) as f:
+                    args.library_desc = json.load(f)
+            except (OSError, ValueError):
+                args.library_desc = {"snapshot": "a copy made by the run of another Python"}
+            args.library_desc["snapshot_sources_sha256"] = sources_hash(
+                os.path.join(lib, "mqexecutor"))
     elif not args.no_snapshot and wants_mq:
         args.library_dir, args.library_desc = snapshot_library(args.git_ref, log, RESULTS)
         own_snapshot = True
