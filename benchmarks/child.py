@@ -346,10 +346,37 @@ def m_raw(spec: dict) -> dict:
             dt = pp.pipelined(n)
             return {"tps": n / dt, "elapsed_s": dt}
         if spec["measure"] == "latency":
-            return latency_stats(pp.sequential(spec["n"]))
+            out = latency_stats(pp.sequential(spec["n"]))
+            out.update(pinned_round_trips(pp, spec["n"]))
+            return out
         raise ValueError(f"the raw ping-pong has no {spec['measure']!r} measure")
     finally:
         pp.close()
+
+
+def pinned_round_trips(pp, n: int) -> dict:
+    """The ping-pong's median round trip with both processes pinned to one
+    CPU, and to two: a wake-up on another CPU costs more than a switch on the
+    same one, and unpinned processes get either."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return {}
+    if len(cpus) < 2:
+        return {}
+    out = {}
+    try:
+        for name, mine, peer in (("one_cpu", cpus[0], cpus[0]), ("two_cpus", cpus[0], cpus[1])):
+            os.sched_setaffinity(0, {mine})
+            os.sched_setaffinity(pp.pid, {peer})
+            out[name + "_median_us"] = latency_stats(pp.sequential(n))["median_us"]
+    finally:
+        os.sched_setaffinity(0, cpus)
+        try:
+            os.sched_setaffinity(pp.pid, cpus)
+        except OSError:
+            pass
+    return out
 
 
 MEASURES = {"throughput": m_throughput, "latency": m_latency, "map": m_map,

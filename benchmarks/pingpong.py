@@ -9,7 +9,9 @@ made: what is left is ``msgsnd``/``msgrcv`` through sysv_ipc and the wake-ups.
   one sent per reply received: round trips per second, the most a pool on
   this transport could complete with one worker and one collector.
 * ``sequential(n)``: one message, wait for its reply, again: the median and
-  p99 of the round trip, the floor of ``submit().result()``.
+  p99 of the round trip, the floor of ``submit().result()``. child.py also
+  runs it with both processes pinned to one CPU and to two: a wake-up on
+  another CPU costs several times a switch on the same one.
 
 Run by child.py for the executor kind ``sysv-raw``; the queue ids go to the
 ids file as soon as they exist, and the queues and the echo process are gone

@@ -459,12 +459,29 @@ def python_section(version: str, d: dict) -> list[str]:
         if section == "notebook":
             lines += notebook_note(d)
         lines += table
+        if section == "main":
+            lines += raw_note(d)
     modes = manager_modes(d)
     if modes:
         lines.append("mqexecutor's manager process was " + "; ".join(
             f"{m} in {', '.join(figs)}" for m, figs in sorted(modes.items())) + ".")
         lines.append("")
     return lines
+
+
+def raw_note(d: dict) -> list[str]:
+    """The raw ping-pong's round trip pinned to one CPU and to two."""
+    rs = [r for r in rows(d) if r["section"] == "main" and r["field"] == "median_us"]
+    if not rs:
+        return []
+    fields = d["summary"].get(rs[0]["key"], {}).get("sysv-raw", {})
+    one, two = fields.get("one_cpu_median_us"), fields.get("two_cpus_median_us")
+    if not one or not two:
+        return []
+    return [f"The raw ping-pong's round trip (row 2) depends on where the two processes "
+            f"run: {fmt(one['median'], 'µs')} µs with both pinned to one CPU, "
+            f"{fmt(two['median'], 'µs')} µs pinned to two (a wake-up on another CPU); "
+            f"unpinned, as every pool here, they get either.", ""]
 
 
 def notebook_note(d: dict) -> list[str]:
