@@ -156,6 +156,8 @@ async def serve(opts: argparse.Namespace) -> int:
         async with server:
             await stop.wait()
             server.close()
+            if hasattr(server, "close_clients"):  # Python 3.13+: leaving the block
+                server.close_clients()  # waits for every connection to close
             for task in list(app.tasks):
                 task.cancel()
             await asyncio.gather(*app.tasks, return_exceptions=True)

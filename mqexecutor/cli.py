@@ -334,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
     try:
-        return _main(argv)
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit (where 3.14 reports the broken pipe)
+        return code
     except BrokenPipeError:
         # The reader went away (``mqexecutor ls | head``): no traceback, and no
         # second error when Python flushes stdout at exit.

@@ -94,12 +94,20 @@ def _in_tree(pid: int, root: int) -> bool:
 
 
 def children_of(pid: int) -> list[int]:
-    """Live child processes of ``pid`` (task workers left running)."""
+    """Live child processes of ``pid`` (a pool's manager left running), but
+    multiprocessing's resource tracker: tqdm's multiprocessing lock starts one
+    where the default start method is forkserver (Python 3.14)."""
     kids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             st = _tgid_and_ppid(int(entry))
             if st is not None and st[1] == pid and st[0] == int(entry):
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if b"multiprocessing.resource_tracker" in f.read():
+                            continue
+                except OSError:
+                    continue
                 kids.append(int(entry))
     return kids
 

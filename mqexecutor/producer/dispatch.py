@@ -562,15 +562,16 @@ class Dispatcher:
                 break
 
     def fail_all(self, message: str) -> None:
-        """Fail every pending task with BrokenMQPool(``message``)."""
+        """Fail every pending task with BrokenMQPool(``message``). A durable
+        pool keeps their records and spill files: they did not run here, and
+        the next owner of the key runs them (at least once)."""
         with self.lock:
             items = list(self.pending.values())
             self.pending.clear()
             self.backlog.clear()
             self.outstanding = list(self.finished)
         for item in items:
-            if item._spill_ref:
+            if item._spill_ref and not self.durable:
                 spill.discard(item._spill_ref)
-            self.res.journal.forget(self.res.token, item.task_id)
             if not item.done():
                 fail(item, BrokenMQPool(message))
