@@ -263,8 +263,15 @@ def _make_and_remove(name, seconds, errors):
 def test_root_removed_by_another_producer_is_made_again():
     """Two processes make and remove their own sub-directory in a loop for 2 s:
     the empty root disappears and comes back under them, and neither may fail
-    to make its directory."""
+    to make its directory. (Only while no other producer of this user keeps a
+    directory there: on a machine shared with other runs, the root cannot go
+    away, and the test says so.)"""
     import multiprocessing
+    root = spill.root_dir(0, create=False)
+    others = os.listdir(root) if os.path.isdir(root) else []
+    if others:
+        pytest.skip(f"the default spill root {root} holds other producers' directories "
+                    f"({len(others)}), so it cannot be emptied: {sorted(others)[:3]}")
     ctx = multiprocessing.get_context("spawn")  # never fork() a process with threads
     errors = ctx.Queue()
     procs = [ctx.Process(target=_make_and_remove, args=(f"x-race-{os.getpid()}-{i}", 2.0, errors))
