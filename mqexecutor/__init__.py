@@ -30,8 +30,8 @@ __version__ = "0.1.0"
 #: use (PEP 562), so that a manager process, which imports only
 #: ``mqexecutor.manager``, starts without the producer's modules.
 _EXPORTS = {
-    "MQExecutor": "executor", "MQFuture": "future", "Mode": "mode", "PoolStats": "executor",
-    "StrandedTask": "producer.adoption", "TaskOptions": "executor",
+    "MQExecutor": "executor", "MQFuture": "future", "Mode": "mode", "PoolStats": "producer.state",
+    "StrandedTask": "producer.adoption", "TaskOptions": "options",
     "CapacityWarning": "options", "ftok": "queues", "worker_id": "context",
     "current_task_id": "context", "remove_queue": "persistence", "msgmax": "limits",
     "msgmnb": "limits", "progress": "progress", "progress_map": "progress",
@@ -61,13 +61,14 @@ if TYPE_CHECKING:
         TaskUnpicklingError,
         TerminatedWorkerError,
     )
-    from .executor import MQExecutor, PoolStats, TaskOptions
+    from .executor import MQExecutor
     from .future import MQFuture
     from .limits import msgmax, msgmnb
     from .mode import Mode
-    from .options import CapacityWarning
+    from .options import CapacityWarning, TaskOptions
     from .persistence import remove_queue
     from .producer.adoption import StrandedTask
+    from .producer.state import PoolStats
     from .progress import progress, progress_map
     from .queues import ftok
 

@@ -36,7 +36,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import sysv_ipc
 
@@ -49,6 +49,7 @@ from .mapping import check_map_arguments, map_results
 from .mode import Mode
 from .options import (
     CapacityWarning,
+    TaskOptions,
     check_authkey,
     check_batch_size,
     check_capacity,
@@ -64,54 +65,18 @@ from .options import (
 from .producer.adoption import StrandedTask, adopt_leftovers
 from .producer.collector import Collector
 from .producer.dispatch import Dispatcher
-from .producer.monitor import RECYCLE_CAUSES, Monitor, apply_event
+from .producer.monitor import RECYCLE_CAUSES, Monitor
 from .producer.pool import PoolFlags, Resources, WorkerProcess, live_pools, register
-from .producer.state import PoolState
+from .producer.state import PoolState, PoolStats
 from .protocol import WIRE_VERSION
 
 __all__ = ["MQExecutor", "MQFuture", "Mode", "PoolStats", "StrandedTask", "CapacityWarning",
            "TaskOptions"]
 
-#: Seconds the constructor waits for the manager process to start the workers.
+#: Seconds ``_processes`` and ``stats()`` wait for the manager process to
+#: start the workers (the constructor does not wait: tasks submitted meanwhile
+#: wait in the kernel queue).
 START_TIMEOUT = 60.0
-
-
-class PoolStats(NamedTuple):
-    """A snapshot of an executor's queue and tasks (:meth:`MQExecutor.stats`), a
-    named tuple.
-
-    Attributes:
-        key (int), msqid (int): the task queue.
-        queued_messages (int), queued_bytes (int): messages and bytes waiting in
-            the kernel queue (all producers').
-        capacity_bytes (int): the queue's msg_qbytes.
-        backlog (int): this executor's tasks waiting in this process for room.
-        running (int): its tasks in the kernel queue or running in a worker.
-        completed (int): its tasks finished (result or exception) so far.
-        workers (int): live worker processes of this executor's pool.
-        inherited (int): tasks found in the queue when it attached.
-        rejected (int): messages its workers set aside as dead letters.
-        recycles (dict[str, int]): workers replaced, by cause: ``"max_tasks"``
-            (max_tasks_per_child), ``"memory"`` (max_memory_per_child),
-            ``"timeout"`` (a time limit), ``"terminate"`` (MQFuture.terminate),
-            ``"died"`` (a crash, a signal, the OOM killer).
-        relay_dropped (int): logging records and printed text the workers
-            dropped because more than ``relay.BUFFER`` waited to be sent.
-    """
-
-    key: int
-    msqid: int
-    queued_messages: int
-    queued_bytes: int
-    capacity_bytes: int
-    backlog: int
-    running: int
-    completed: int
-    workers: int
-    inherited: int
-    rejected: int = 0
-    recycles: dict | None = None
-    relay_dropped: int = 0
 
 
 _gc_done = False
@@ -208,7 +173,11 @@ class MQExecutor(Executor):
         TypeError: ``initializer`` not callable, ``key`` not an int.
         sysv_ipc.PermissionsError: the queue of ``key`` belongs to someone else.
         OSError: the kernel refused to create a queue (e.g. msgmni reached).
-        BrokenMQPool: the manager process could not start the workers.
+
+    The constructor returns once the manager process is started, without
+    waiting for it to fork the workers: tasks submitted meanwhile wait in the
+    queue, and if the workers cannot start, their Futures fail with
+    BrokenMQPool.
     """
 
     def __init__(self, key: int | None = None, max_workers: int | None = None,
@@ -340,9 +309,9 @@ class MQExecutor(Executor):
                     spill_env=os.environ.get(spill.ENV_SPILL_DIR), authkey=authkey,
                     sweep=_sweep_once(), sys_path=tuple(sys.path), **worker_options)
                 state.manager = ManagerProcess(state.config, method)
-                for event in state.manager.wait_ready(START_TIMEOUT):
-                    apply_event(state, event)
                 dispatch.tell_manager = state.manager.send
+            else:
+                state.ready.set()  # no workers of its own
         except BaseException:
             if state.manager is not None:
                 state.manager.send("stop")
@@ -406,7 +375,9 @@ class MQExecutor(Executor):
     @property
     def _processes(self) -> dict[int, WorkerProcess]:
         """The task workers by pid (as ProcessPoolExecutor's private attribute):
-        the latest process of each worker id, as the manager reported it."""
+        the latest process of each worker id, as the manager reported it
+        (waits, at most START_TIMEOUT seconds, until it started them)."""
+        self._state.ready.wait(START_TIMEOUT)
         return {p.pid: p for p in list(self._state.processes.values())}
 
     @property
@@ -433,6 +404,7 @@ class MQExecutor(Executor):
         capacity, this executor's backlog, running and completed tasks, live
         workers and inherited tasks."""
         state = self._state
+        state.ready.wait(START_TIMEOUT)  # the workers started (or never will)
         res = state.res
         dispatch = state.dispatch
         info = ipcinfo.queue_info(self._key)
@@ -611,36 +583,3 @@ class MQExecutor(Executor):
     def kill_workers(self) -> None:
         """As :meth:`terminate_workers`, with SIGKILL (Python 3.14)."""
         self._force_shutdown(9)
-
-
-class TaskOptions:
-    """Per-task options bound to an executor (:meth:`MQExecutor.with_options`).
-
-    Attributes:
-        retries (int | None): runs after a worker death (None: the executor's).
-        timeout (float | None): time limit of each task, seconds (None: the
-            executor's ``task_timeout``).
-    """
-
-    def __init__(self, executor: MQExecutor, *, retries: int | None = None,
-                 timeout: float | None = None):
-        self._executor = executor
-        self.retries = retries
-        self.timeout = timeout
-
-    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> MQFuture:
-        """As :meth:`MQExecutor.submit`, with these options."""
-        return self._executor._state.dispatch.submit(fn, args, kwargs, None, self.retries,
-                                                     self.timeout)
-
-    def submit_to(self, worker_id: int, fn: Callable, /, *args: Any, **kwargs: Any
-                  ) -> MQFuture:
-        """As :meth:`MQExecutor.submit_to`, with these options."""
-        ex = self._executor
-        ex._check_target(worker_id)
-        return ex._state.dispatch.submit(fn, args, kwargs, worker_id, self.retries,
-                                         self.timeout)
-
-    def map(self, fn: Callable, *iterables: Iterable, **kw: Any) -> Iterator:
-        """As :meth:`MQExecutor.map`, with these options."""
-        return self._executor.map(fn, *iterables, _options=self, **kw)

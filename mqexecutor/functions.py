@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import pickle
 import sys
@@ -124,6 +123,7 @@ class ByValue:
         self.cells: list[tuple[Any, Any]] = []
         _dependencies(fn, self, set())
         self.data = codec.dumps_by_value(fn)
+        import hashlib  # here: 4 ms that workers and managers do not need
         self.digest = hashlib.blake2b(self.data, digest_size=16).hexdigest()
 
     def current(self) -> bool:

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import sysv_ipc
 
 from . import ipcinfo, persistence, queues, spill
 from .errors import QueueModeError
+from .future import MQFuture
 from .mode import Mode
 from .protocol import MAX_TIMEOUT
 
 __all__ = ["check_key_mode", "check_authkey", "check_retries", "check_capacity",
            "check_timeout", "check_max_memory",
            "check_max_workers", "check_max_tasks_per_child", "check_batch_size",
-           "check_no_live_owner", "set_capacity", "cpu_count", "CapacityWarning"]
+           "check_no_live_owner", "set_capacity", "cpu_count", "CapacityWarning", "TaskOptions"]
 
 
 class CapacityWarning(RuntimeWarning):
@@ -194,3 +196,36 @@ def check_no_live_owner(key: int, mode: Mode, live: list) -> None:
         raise QueueModeError(
             f"key 0x{key & 0xFFFFFFFF:08x} is served by pid {meta.owner_pid} in "
             f"{Mode(meta.mode).name} mode; this executor asked for {mode.name}")
+
+
+class TaskOptions:
+    """Per-task options bound to an executor (``MQExecutor.with_options``).
+
+    Attributes:
+        retries (int | None): runs after a worker death (None: the executor's).
+        timeout (float | None): time limit of each task, seconds (None: the
+            executor's ``task_timeout``).
+    """
+
+    def __init__(self, executor: Any, *, retries: int | None = None,
+                 timeout: float | None = None):
+        self._executor = executor
+        self.retries = retries
+        self.timeout = timeout
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> MQFuture:
+        """As ``MQExecutor.submit``, with these options."""
+        return self._executor._state.dispatch.submit(fn, args, kwargs, None, self.retries,
+                                                     self.timeout)
+
+    def submit_to(self, worker_id: int, fn: Callable, /, *args: Any, **kwargs: Any
+                  ) -> MQFuture:
+        """As ``MQExecutor.submit_to``, with these options."""
+        ex = self._executor
+        ex._check_target(worker_id)
+        return ex._state.dispatch.submit(fn, args, kwargs, worker_id, self.retries,
+                                         self.timeout)
+
+    def map(self, fn: Callable, *iterables: Iterable, **kw: Any) -> Iterator:
+        """As ``MQExecutor.map``, with these options."""
+        return self._executor.map(fn, *iterables, _options=self, **kw)

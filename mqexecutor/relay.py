@@ -1,8 +1,8 @@
 """What tasks log and print, relayed to the process that submitted them.
 
-* **Logging records.** A task worker's root logger gets one handler, a
-  ``logging.handlers.QueueHandler`` that puts each record (made picklable by
-  its ``prepare``, with ``worker_id`` and ``task_id`` attributes) in a bounded
+* **Logging records.** A task worker's root logger gets one handler, which
+  puts each record (made picklable by ``logging.handlers.QueueHandler``'s
+  ``prepare``, with ``worker_id`` and ``task_id`` attributes) in a bounded
   buffer; the worker's relay thread sends them to the producer of the task
   that emitted them, in RELAY messages on its reply queue. The producer's
   collector hands each record to ``logging.getLogger(record.name).handle``,
@@ -26,10 +26,8 @@ the record)`` or ``("out", task_id, "stdout" | "stderr", text)``.
 from __future__ import annotations
 
 import collections
-import contextvars
 import io
 import logging
-import logging.handlers
 import pickle
 import sys
 import threading
@@ -88,28 +86,42 @@ def _run(context: Any, fn: Callable, arg: Any) -> None:
         context.run(fn, arg)
 
 
-def submit_context() -> contextvars.Context:
-    """The context a task is submitted in (kept on its Future when text is
-    relayed): ipykernel's streams find the cell there."""
+def submit_context() -> Any:
+    """The ``contextvars.Context`` a task is submitted in (kept on its Future
+    when text is relayed): ipykernel's streams find the cell there."""
+    return _copy_context()
+
+
+def _copy_context() -> Any:
+    import contextvars
     return contextvars.copy_context()
 
 
 # -- the worker's side --------------------------------------------------------------
-class _Handler(logging.handlers.QueueHandler):
-    """The worker root logger's handler: records go to the relay, never block."""
+class _Handler(logging.Handler):
+    """The worker root logger's handler: records go to the relay, never block.
+
+    Records are made picklable by ``logging.handlers.QueueHandler.prepare``
+    (the message formatted, args and exc_info cleared), imported with the
+    first record: logging.handlers (and socket with it) stay off a worker's
+    start-up."""
 
     def __init__(self, relay: WorkerRelay):
-        super().__init__(None)  # type: ignore[arg-type]
+        super().__init__()
         self.relay = relay
+        self._prepare: Callable[..., logging.LogRecord] | None = None
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        record = super().prepare(record)
-        record.worker_id = self.relay.wid
-        record.task_id = self.relay.task_id
-        return record
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        self.relay.add(("log", record.__dict__["task_id"], record.__dict__))
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if self._prepare is None:
+                import logging.handlers
+                self._prepare = logging.handlers.QueueHandler.prepare
+            record = self._prepare(self, record)  # type: ignore[arg-type]
+            record.worker_id = self.relay.wid
+            record.task_id = self.relay.task_id
+            self.relay.add(("log", self.relay.task_id, record.__dict__))
+        except Exception:  # noqa: BLE001 - as logging.Handler.emit
+            self.handleError(record)
 
 
 class _Writer(io.TextIOBase):

@@ -36,7 +36,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -90,6 +89,7 @@ def _first_root() -> tuple[str, bool]:
 
 
 def _temp_root() -> str:
+    import tempfile  # here: with shutil and random, 6 ms of a manager's start-up
     return os.path.join(tempfile.gettempdir(), f"mqexecutor-{os.getuid()}")
 
 

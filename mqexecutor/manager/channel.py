@@ -56,13 +56,19 @@ class Channel:
         self._buffer = self._buffer[_LEN.size + n:]
         return pickle.loads(data)
 
+    def pending(self) -> bool:
+        """Whether a whole message was read already and waits in the buffer
+        (then select() on the socket would not say so)."""
+        if len(self._buffer) >= _LEN.size:
+            (n,) = _LEN.unpack_from(self._buffer)
+            return len(self._buffer) >= _LEN.size + n
+        return False
+
     def poll(self, timeout: float | None = 0.0) -> bool:
         """Whether :meth:`recv` would not block (data or end of file is there),
         waiting up to ``timeout`` seconds (None: for ever)."""
-        if len(self._buffer) >= _LEN.size:
-            (n,) = _LEN.unpack_from(self._buffer)
-            if len(self._buffer) >= _LEN.size + n:
-                return True
+        if self.pending():
+            return True
         return bool(select.select([self.fd], [], [], timeout)[0])
 
     def close(self) -> None:

@@ -28,11 +28,9 @@ import os
 import socket
 import sys
 import threading
-import time
 from typing import Any
 
 from ..config import PoolConfig
-from ..errors import BrokenMQPool
 from . import process
 from .channel import Channel
 
@@ -171,34 +169,6 @@ class ManagerProcess:
         while self.conn.poll():
             out.append(self.conn.recv())
         return out
-
-    def wait_ready(self, timeout: float) -> list[tuple]:
-        """Wait until the manager started its workers; returns the messages it
-        sent meanwhile (STARTED ones).
-
-        Raises:
-            BrokenMQPool: it could not start them, exited, or took longer than
-                ``timeout`` seconds.
-        """
-        got: list[tuple] = []
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.conn.poll(left):
-                    raise BrokenMQPool(f"the manager process (pid {self.pid}) did not "
-                                       f"start its task workers within {timeout:g} s")
-                message = self.conn.recv()
-                if message[0] == process.READY:
-                    return got
-                if message[0] == process.BROKEN:
-                    raise BrokenMQPool(message[1])
-                got.append(message)
-        except (EOFError, OSError):
-            code = self.join()
-            raise BrokenMQPool(f"the manager process (pid {self.pid}) exited with "
-                               f"{process.describe_exit(code)} before its task workers "
-                               "started") from None
 
     # -- ending ------------------------------------------------------------------------
     def join(self) -> int | None:

@@ -364,6 +364,8 @@ class Manager:
             if self.watching:
                 timeout = min(timeout if timeout is not None else 10**9,
                               int(DEADLINE_TICK * 1000))
+            if self.control is not None and self.control.pending():
+                timeout = 0  # read with the config (main()): not on the socket any more
             events = poller.poll(timeout)
             self.drain_wakeups()
             if self.terminated:
@@ -375,7 +377,8 @@ class Manager:
                 self.sweep_at = None
                 _sweep()
             ready = {fd for fd, _ in events}
-            if self.control is not None and self.control.fileno() in ready:
+            if self.control is not None and (self.control.fileno() in ready
+                                             or self.control.pending()):
                 if not self.handle_commands():
                     break  # STOP, or the owner closed its end
             if owner_fd is not None and owner_fd >= 0:

@@ -41,6 +41,8 @@ def apply_event(state: PoolState, event: tuple) -> None:
         proc = state.processes.get(wid)
         if proc is not None and proc.pid == pid:
             proc._set_exit(exitcode)
+    elif kind == manager_process.READY:
+        state.ready.set()
     elif kind == manager_process.BROKEN:
         state.break_pool(event[1])
 
@@ -102,10 +104,11 @@ class Monitor(threading.Thread):
             self.manager_gone = True
             code = self.manager.join()
             if self.state.flags.broken is None:
+                when = ("before it started the task workers" if not self.state.ready.is_set()
+                        else "the pool cannot replace its task workers any more")
                 self.state.break_pool(
                     f"the manager process (pid {self.manager.pid}) died with "
-                    f"{manager_process.describe_exit(code)}: the pool cannot replace its "
-                    "task workers any more")
+                    f"{manager_process.describe_exit(code)}: {when}")
 
     def workers_gone(self) -> bool:
         return all(p.exitcode is not None for p in self.state.processes.values())

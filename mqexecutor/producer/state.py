@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..manager.launch import ManagerProcess
 from .dispatch import Dispatcher
 from .pool import PoolFlags, Resources, WorkerProcess
 
-__all__ = ["PoolState"]
+__all__ = ["PoolState", "PoolStats"]
 
 
 class PoolState:
@@ -42,6 +42,8 @@ class PoolState:
         self.processes: dict[int, WorkerProcess] = {}
         #: Worker exits by cause (manager.process.CAUSES), as the manager reports them.
         self.exits: collections.Counter[str] = collections.Counter()
+        #: Set once the manager started the workers (or the pool broke first).
+        self.ready = threading.Event()
         #: Logging records and printed text workers dropped (relay.BUFFER full).
         self.relay_dropped = 0
         self.collector: threading.Thread | None = None
@@ -65,4 +67,43 @@ class PoolState:
             if self.flags.broken is None:
                 self.flags.broken = message
         self.dispatch.fail_all(message)
+        self.ready.set()
         self.res.wake()
+
+
+class PoolStats(NamedTuple):
+    """A snapshot of an executor's queue and tasks (:meth:`MQExecutor.stats`), a
+    named tuple.
+
+    Attributes:
+        key (int), msqid (int): the task queue.
+        queued_messages (int), queued_bytes (int): messages and bytes waiting in
+            the kernel queue (all producers').
+        capacity_bytes (int): the queue's msg_qbytes.
+        backlog (int): this executor's tasks waiting in this process for room.
+        running (int): its tasks in the kernel queue or running in a worker.
+        completed (int): its tasks finished (result or exception) so far.
+        workers (int): live worker processes of this executor's pool.
+        inherited (int): tasks found in the queue when it attached.
+        rejected (int): messages its workers set aside as dead letters.
+        recycles (dict[str, int]): workers replaced, by cause: ``"max_tasks"``
+            (max_tasks_per_child), ``"memory"`` (max_memory_per_child),
+            ``"timeout"`` (a time limit), ``"terminate"`` (MQFuture.terminate),
+            ``"died"`` (a crash, a signal, the OOM killer).
+        relay_dropped (int): logging records and printed text the workers
+            dropped because more than ``relay.BUFFER`` waited to be sent.
+    """
+
+    key: int
+    msqid: int
+    queued_messages: int
+    queued_bytes: int
+    capacity_bytes: int
+    backlog: int
+    running: int
+    completed: int
+    workers: int
+    inherited: int
+    rejected: int = 0
+    recycles: dict | None = None
+    relay_dropped: int = 0

@@ -28,7 +28,7 @@ from typing import Any
 
 import sysv_ipc
 
-from .. import codec, context, deadletter, external, functions, outbox, queues, spill
+from .. import codec, context, deadletter, functions, outbox, queues, spill
 from ..codec import PLAIN_TYPES, PROTOCOL
 from ..config import PoolConfig
 from ..functions import BY_VALUE_PREFIX
@@ -268,6 +268,7 @@ class TaskWorker:
     def handle_message(self, raw: bytes) -> None:
         """Handle a message of mqexecutor's own (a TASK or a BATCH) or a JSON task."""
         if raw[:1] == b"{":
+            from .. import external  # on the first JSON task: off every worker's start-up
             reason = external.handle_json(raw, self.cfg.allow, self.replier.send_raw)
             if reason is not None:
                 self.reject(raw, reason)
