@@ -29,7 +29,7 @@ class PoolConfig(NamedTuple):
             owner's sub-directory under spill root 0).
         private_queue (bool): the task queue has no key of the user's
             (removed when the owner is gone).
-        initializer (bytes | None): ``(initializer, initargs)`` pickled by value.
+        initializer (tuple | None): ``(initializer, initargs)``.
         max_tasks_per_child (int | None): a worker exits after this many tasks.
         spill_env (str | None): the owner's ``MQEXECUTOR_SPILL_DIR``.
         allow (tuple of str): fnmatch patterns JSON tasks may call.
@@ -46,6 +46,10 @@ class PoolConfig(NamedTuple):
             to the producer of the task that emitted them; None: no relay.
         relay_output (bool): send what tasks print to their producer (a
             notebook's kernel) instead of the worker's own stdout and stderr.
+        mp_authkey (bytes | None): the owner's ``multiprocessing`` authkey,
+            for a manager started as a fresh interpreter when the owner uses
+            ``multiprocessing.managers`` (its proxies, passed to tasks, connect
+            back with it), as multiprocessing's spawn passes it on.
     """
 
     task_key: int
@@ -57,7 +61,7 @@ class PoolConfig(NamedTuple):
     owner_subdir: str
     board_dir: str
     private_queue: bool
-    initializer: bytes | None = None
+    initializer: tuple | None = None
     max_tasks_per_child: int | None = None
     spill_env: str | None = None
     allow: tuple = ()
@@ -69,6 +73,7 @@ class PoolConfig(NamedTuple):
     watch_deadlines: bool = False
     log_level: int | None = None
     relay_output: bool = False
+    mp_authkey: bytes | None = None
 
     @property
     def scoreboard_path(self) -> str:

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import sysv_ipc
 
-from . import codec, ipcinfo, persistence, relay, spill
+from . import ipcinfo, persistence, relay, spill
 from .config import PoolConfig
 from .errors import QueueModeError
 from .future import MQFuture
@@ -91,6 +91,15 @@ def _sweep_once() -> bool:
         return False
     _gc_done = True
     return True
+
+
+def _mp_authkey() -> bytes | None:
+    """This process's multiprocessing authkey, when it uses
+    multiprocessing.managers (a task may get one of its proxies)."""
+    if "multiprocessing.managers" not in sys.modules:
+        return None
+    from multiprocessing import process
+    return bytes(process.current_process().authkey)
 
 
 class MQExecutor(Executor):
@@ -201,9 +210,12 @@ class MQExecutor(Executor):
         max_memory_per_child = check_max_memory(max_memory_per_child)
         check_capacity(capacity)
         method = start_method(mp_context)
-        init_bytes = None
+        init: Any = None
         if initializer is not None:
-            init_bytes = codec.dumps_by_value((initializer, tuple(initargs)))
+            # A forked manager (and its workers) inherits the objects as they
+            # are; a fresh interpreter gets them pickled with its config
+            # (manager.launch: by value, multiprocessing queues allowed).
+            init = (initializer, tuple(initargs))
         if key is not None:
             check_no_live_owner(key, mode, live_pools())
         if swoole_handler is not None:
@@ -214,7 +226,7 @@ class MQExecutor(Executor):
                     retries=check_retries(retries), durable=durable,
                     batch_size=check_batch_size(batch_size), method=method,
                     task_timeout=task_timeout,
-                    worker_options=dict(initializer=init_bytes,
+                    worker_options=dict(initializer=init,
                                         max_tasks_per_child=max_tasks_per_child,
                                         allow=tuple(allow), swoole_handler=swoole_handler,
                                         max_memory_per_child=max_memory_per_child,
@@ -307,7 +319,8 @@ class MQExecutor(Executor):
                     owner_reply_key=res.reply_queue.key, owner_subdir=res.subdir,
                     board_dir=res.board_dir, private_queue=key is None,
                     spill_env=os.environ.get(spill.ENV_SPILL_DIR), authkey=authkey,
-                    sweep=_sweep_once(), sys_path=tuple(sys.path), **worker_options)
+                    sweep=_sweep_once(), sys_path=tuple(sys.path),
+                    mp_authkey=_mp_authkey(), **worker_options)
                 state.manager = ManagerProcess(state.config, method)
                 dispatch.tell_manager = state.manager.send
             else:
@@ -321,8 +334,13 @@ class MQExecutor(Executor):
             raise
         state.collector = Collector(state)
         state.monitor = Monitor(state)
-        state.collector.start()
-        state.monitor.start()
+        try:
+            state.collector.start()
+            state.monitor.start()
+        except RuntimeError as exc:  # no new thread (at interpreter shutdown)
+            # A broken pool, torn down here: submit() raises BrokenMQPool.
+            state.break_pool(f"the pool could not start its threads: {exc}")
+            state.monitor.teardown()
         register(state)
         #: As ProcessPoolExecutor's: the thread that tears the pool down.
         self._executor_manager_thread = state.monitor
@@ -553,7 +571,7 @@ class MQExecutor(Executor):
         state.request_shutdown(cancel_futures, abandon=abandon)
         monitor = state.monitor
         me = threading.get_ident()
-        if wait and monitor is not None and monitor.ident != me and (
+        if wait and monitor is not None and monitor.ident not in (None, me) and (
                 state.collector is None or state.collector.ident != me):
             monitor.join()
 

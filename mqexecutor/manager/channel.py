@@ -35,7 +35,10 @@ class Channel:
 
     def send(self, message: Any) -> None:
         """Send ``message`` (picklable), whole."""
-        data = pickle.dumps(message, 5)
+        self.send_bytes(pickle.dumps(message, 5))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Send a message pickled already (``recv`` unpickles it)."""
         view = memoryview(_LEN.pack(len(data)) + data)
         while view:
             view = view[os.write(self.fd, view):]

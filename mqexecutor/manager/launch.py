@@ -25,11 +25,13 @@ those of a queue with a key finish first).
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import sys
 import threading
 from typing import Any
 
+from .. import codec
 from ..config import PoolConfig
 from . import process
 from .channel import Channel
@@ -75,6 +77,21 @@ def start_method(mp_context: Any) -> str:
     return "fork" if method == "fork" and single_threaded() else "exec"
 
 
+def _pickle_for_child(config: PoolConfig) -> tuple[bytes, list[int]]:
+    """The config for a fresh-interpreter manager (an initializer by value,
+    with cloudpickle), and the file descriptors it needs (none). A
+    multiprocessing Queue or Lock in ``initargs`` cannot go this way (as with
+    ProcessPoolExecutor and spawn, pickling raises): a proxy of a
+    ``multiprocessing.Manager()`` can (the manager gets the owner's authkey).
+
+    Raises:
+        What pickling the initializer or its arguments raises.
+    """
+    if config.initializer is None:
+        return pickle.dumps(config, 5), []
+    return codec.dumps_by_value(config), []
+
+
 class ManagerProcess:
     """The owner's end of a pool's manager process.
 
@@ -92,18 +109,20 @@ class ManagerProcess:
         self._popen: Any = None
         self.exitcode: int | None = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        data = b""
         try:
             if method == "fork":
                 self.pid = self._fork(config, ours, theirs)
             else:
-                self.pid = self._exec(theirs)
+                data, fds = _pickle_for_child(config)
+                self.pid = self._exec(theirs, fds)
         finally:
             theirs.close()
         self.conn = Channel(ours.detach())
         self._fd = self.conn.fileno()
         _OWNER_FDS.add(self._fd)
-        if method != "fork":
-            self.conn.send(config)
+        if data:
+            self.conn.send_bytes(data)
 
     @staticmethod
     def _fork(config: PoolConfig, ours: socket.socket, theirs: socket.socket) -> int:
@@ -131,7 +150,7 @@ class ManagerProcess:
                 os._exit(code)
         return 0  # not reached
 
-    def _exec(self, theirs: socket.socket) -> int:
+    def _exec(self, theirs: socket.socket, fds: list[int]) -> int:
         import subprocess  # only this start method needs it
         fd = theirs.fileno()
         package_parent = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -145,7 +164,7 @@ class ManagerProcess:
         if not sys.executable:
             raise OSError("sys.executable is empty: cannot start the manager process")
         self._popen = subprocess.Popen([sys.executable, *flags, "-c", code, str(fd)],
-                                       pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                                       pass_fds=(fd, *fds), stdin=subprocess.DEVNULL,
                                        process_group=0)
         return self._popen.pid
 

@@ -514,6 +514,9 @@ def main() -> None:
     control = Channel(int(sys.argv[1]))
     config: PoolConfig = control.recv()
     sys.path[:] = list(config.sys_path)
+    if config.mp_authkey is not None:  # the owner's multiprocessing proxies work here
+        from multiprocessing import process
+        process.current_process().authkey = config.mp_authkey
     code = serve(config, control)
     try:
         sys.stdout.flush()

@@ -259,7 +259,7 @@ def _python_exit() -> None:
     for state in pools:
         state.request_shutdown()
     for state in pools:
-        if state.monitor is not None:
+        if state.monitor is not None and state.monitor.ident is not None:
             state.monitor.join()
 
 

@@ -16,6 +16,10 @@ from .pool import PoolFlags, Resources, WorkerProcess
 
 __all__ = ["PoolState", "PoolStats"]
 
+#: Seconds ``shutdown(cancel_futures=True)`` waits for a new pool's workers to
+#: start before it takes its tasks back from the kernel queue.
+READY_WAIT = 10.0
+
 
 class PoolState:
     """Everything the threads of one executor share. Holds no reference to
@@ -58,6 +62,9 @@ class PoolState:
                 self.flags.abandon = True
         if cancel_futures:
             self.dispatch.cancel_backlog()
+            # Tasks the workers take meanwhile run, as those in
+            # ProcessPoolExecutor's call queue do: wait until they can.
+            self.ready.wait(READY_WAIT)
             self.dispatch.withdraw_queued()
         self.res.wake()
 

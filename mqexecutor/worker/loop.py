@@ -19,6 +19,7 @@ tasks: a message received after it goes back on the queue.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pickle
 import sys
@@ -166,10 +167,13 @@ class TaskWorker:
         if not cfg.initializer:
             return True
         try:
-            initializer, initargs = pickle.loads(cfg.initializer)
+            initializer, initargs = cfg.initializer
             initializer(*initargs)
             return True
         except BaseException as exc:  # noqa: BLE001
+            # As ProcessPoolExecutor's workers (relayed to the owner's handlers)
+            logging.getLogger("concurrent.futures").critical("Exception in initializer:",
+                                                             exc_info=True)
             msg = encode_outcome(Status.INIT_FAILED, 0, cfg.owner_token, self.wid,
                                  (exc, format_exc(exc)), self.inline_max, cfg.owner_subdir,
                                  cfg.authkey)
