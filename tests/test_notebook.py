@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 
@@ -43,6 +44,8 @@ EXPECTED_LINES = [
     "targeted ok [0, 1]",
     "progress ok True",
     "array ok True",
+    "quick 0.1",
+    "timeout ok TaskTimeoutError 0.5",
 ]
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
@@ -164,6 +167,11 @@ def test_quickstart_notebook_runs_top_to_bottom(kernel_manager, tmp_path):
                          + "\n".join(stdout_lines))
     # The kernel ran this interpreter (so this venv and this mqexecutor).
     assert f"python {sys.executable}" in stdout_lines
+    # What the tasks printed shows under the cell that submitted them.
+    timeout_cell = next(c for c in code_cells if "TaskTimeoutError" in c.source)
+    printed = stream_text(timeout_cell)
+    assert re.search(r"^worker [01] sleeps 0\.1 s$", printed, re.M), printed
+    assert re.search(r"^worker [01] sleeps 30 s$", printed, re.M), printed
 
     # The progress cell drew its bars: widgets when ipywidgets is installed,
     # else tqdm's text bars on stderr, finished at 100%.
