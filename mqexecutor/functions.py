@@ -113,22 +113,28 @@ class ByValue:
         Whatever pickling raises (the caller then pickles the call as before).
     """
 
-    __slots__ = ("data", "digest", "attributes", "names", "cells")
+    __slots__ = ("data", "digest", "own", "attributes", "names", "cells")
 
     def __init__(self, fn: types.FunctionType):
-        #: (function, attribute, object), (namespace, name, object),
+        #: (attribute, object) of the function itself (it is not kept here:
+        #: a cache of it must not keep it alive), (function, attribute,
+        #: object) of the functions it refers to, (namespace, name, object),
         #: (cell, object): what the pickle depends on, compared by identity.
+        self.own: list[tuple[str, Any]] = []
         self.attributes: list[tuple[Any, str, Any]] = []
         self.names: list[tuple[dict, str, Any]] = []
         self.cells: list[tuple[Any, Any]] = []
-        _dependencies(fn, self, set())
+        _dependencies(fn, self, set(), root=True)
         self.data = codec.dumps_by_value(fn)
         import hashlib  # here: 4 ms that workers and managers do not need
         self.digest = hashlib.blake2b(self.data, digest_size=16).hexdigest()
 
-    def current(self) -> bool:
-        """Whether the pickle still is what pickling the function would give
-        (as far as object identities tell)."""
+    def current(self, fn: types.FunctionType) -> bool:
+        """Whether the pickle still is what pickling ``fn`` would give (as far
+        as object identities tell)."""
+        for attr, value in self.own:
+            if getattr(fn, attr) is not value:
+                return False
         for holder_, attr, value in self.attributes:
             if getattr(holder_, attr) is not value:
                 return False
@@ -160,13 +166,17 @@ def _by_value(obj: Any) -> bool:
     return type(obj) is types.FunctionType and function_reference(obj) is None
 
 
-def _dependencies(fn: types.FunctionType, value: ByValue, seen: set[int]) -> None:
+def _dependencies(fn: types.FunctionType, value: ByValue, seen: set[int],
+                  root: bool = False) -> None:
     """Record in ``value`` what the pickle of ``fn`` depends on (see ByValue)."""
     if id(fn) in seen:
         return
     seen.add(id(fn))
     for attr in ("__code__", "__defaults__", "__kwdefaults__", "__dict__"):
-        value.attributes.append((fn, attr, getattr(fn, attr)))
+        if root:
+            value.own.append((attr, getattr(fn, attr)))
+        else:
+            value.attributes.append((fn, attr, getattr(fn, attr)))
     for key, obj in fn.__dict__.items():  # attributes set on the function
         value.names.append((fn.__dict__, key, obj))
     names: set[str] = set()
@@ -233,7 +243,7 @@ class FnInfo:
             Whatever pickling raises.
         """
         value = self._value
-        if value is not None and value.current():
+        if value is not None and value.current(fn):
             return value
         if self.rebuilt >= self.MAX_REBUILDS:
             return None

@@ -57,6 +57,25 @@ def test_a_done_task_keeps_no_reference_to_its_callable():
         assert ref() is None, "the executor keeps the submitted callable's object"
 
 
+def test_a_function_sent_by_value_keeps_nothing_alive_once_done():
+    """bpo-16284 for functions pickled once (mqexecutor.functions): a closure
+    made for one call, and what it captured, are freed once its task is done."""
+    with pool(max_workers=1) as ex:
+        captured = Heavy(5)
+        ref = weakref.ref(captured)
+
+        def make(h):
+            return lambda x: h.n + x
+
+        fn = make(captured)
+        fn_ref = weakref.ref(fn)
+        assert ex.submit(fn, 1).result(timeout=30) == 6
+        assert ex.submit(fn, 2).result(timeout=30) == 7  # its pickle made once
+        del captured, fn
+        gc.collect()
+        assert fn_ref() is None and ref() is None, "a cache keeps the closure alive"
+
+
 def test_falsy_exception_is_raised_not_returned():
     """gh-132063: result() raises an exception whose __bool__ is False."""
     with pool(max_workers=1) as ex:
