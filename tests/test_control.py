@@ -146,6 +146,34 @@ def test_terminate_a_running_a_queued_and_a_finished_task(tmp_path, mode):
         assert ex.stats().recycles["terminate"] == 1
 
 
+@pytest.mark.parametrize("mode", [Mode.PREEMPTIVE, Mode.TARGETED])
+def test_every_worker_skips_terminated_queued_tasks(tmp_path, mode):
+    """With several workers, each reads the terminated tasks (not only the
+    last worker): queued tasks terminated while both workers are busy never
+    run, whichever worker takes them."""
+    gate = Gate(tmp_path)
+    d = str(tmp_path)
+    with pool(max_workers=2, mode=mode, batch_size=1) as ex:
+        try:
+            blockers = [ex.submit(gated, gate.path, gate.started_dir, f"b{i}")
+                        for i in range(2)]
+            gate.wait_started(2)
+            queued = [ex.submit(touch_marker, d, f"q{i}") for i in range(8)]
+            sent = [f for f in queued if f.running()]  # in the kernel queue
+            assert len(sent) >= 4, "the test needs tasks in the kernel queue"
+            victims = sent[::2]
+            assert all(f.terminate() for f in victims)
+        finally:
+            gate.open()
+        assert len({f.result(timeout=30) for f in blockers}) == 2
+        kept = [f for f in queued if f not in victims]
+        assert all(f.result(timeout=30) for f in kept)
+        assert ex.submit(square, 2).result(timeout=30) == 4
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("q")) \
+            == sorted(f.result() for f in kept)
+        assert ex.stats().recycles["terminate"] == 0
+
+
 def test_terminate_a_pending_task_cancels_it(tmp_path):
     gate = Gate(tmp_path)
     with pool(max_workers=1) as ex:

@@ -122,7 +122,7 @@ class TaskWorker:
         self.wid = wid
         self.pid = os.getpid()
         self.queue = sysv_ipc.MessageQueue(config.task_key, 0, max_message_size=msgmax())
-        self.board = Scoreboard(config.scoreboard_path, wid + 1)
+        self.board = Scoreboard(config.scoreboard_path, config.max_workers)
         self.replier = Replier()
         self.inline_max = msgmax() - HEADER_SIZE
         self.mtype = wid + 1 if config.targeted else 0
