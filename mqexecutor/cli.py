@@ -256,6 +256,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         ex = MQExecutor(args.key, args.workers, mode=args.mode,
                         max_tasks_per_child=args.max_tasks_per_child,
+                        task_timeout=args.task_timeout,
+                        max_memory_per_child=(None if args.max_memory_per_child is None
+                                              else args.max_memory_per_child * 2**20),
                         allow=args.allow, swoole_handler=args.swoole_handler)
     except sysv_ipc.PermissionsError as exc:
         raise CLIError(str(exc), EXIT_PERMISSION) from None
@@ -303,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", type=int, choices=[2, 3], default=3,
                    help="2 targeted, 3 preemptive (default 3)")
     p.add_argument("--max-tasks-per-child", type=int, default=None, metavar="N")
+    p.add_argument("--task-timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop a task running longer (its worker is replaced); tasks "
+                   "may set their own limit with with_options(timeout=)")
+    p.add_argument("--max-memory-per-child", type=int, default=None, metavar="MIB",
+                   help="replace a worker whose resident memory exceeds MIB mebibytes "
+                   "after a task")
     p.add_argument("--allow", action="append", default=[], metavar="PATTERN",
                    help="let JSON tasks call functions matching this fnmatch pattern of "
                    "'module:qualname' (repeatable; default: none). See docs/external.md")

@@ -41,7 +41,11 @@ class PoolConfig(NamedTuple):
         max_memory_per_child (int | None): bytes of resident set above which a
             worker is recycled after its task.
         watch_deadlines (bool): the manager watches time limits from the start
-            (``task_timeout=``); else from the owner's first timed task.
+            (``task_timeout=``, or a keyed pool, whose attach() producers may
+            send timed tasks); else from the owner's first timed task.
+        task_timeout (float | None): seconds; the time limit of a task whose
+            message carries none (an attach() producer's, a task left in the
+            queue), as the pool's owner gives its own tasks.
         log_level (int | None): relay logging records at or above this level
             to the producer of the task that emitted them; None: no relay.
         relay_output (bool): send what tasks print to their producer (a
@@ -71,6 +75,7 @@ class PoolConfig(NamedTuple):
     sys_path: tuple = ()
     max_memory_per_child: int | None = None
     watch_deadlines: bool = False
+    task_timeout: float | None = None
     log_level: int | None = None
     relay_output: bool = False
     mp_authkey: bytes | None = None

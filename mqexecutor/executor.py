@@ -159,7 +159,9 @@ class MQExecutor(Executor):
             (None: none), counted from when a worker takes it. A task past it
             has its worker stopped (SIGTERM, then SIGKILL) and replaced under
             the same id, and its Future fails with TaskTimeoutError (retries do
-            not apply). Per task: ``ex.with_options(timeout=s).submit(...)``.
+            not apply). Per task: ``ex.with_options(timeout=s).submit(...)``;
+            a pool on a key also honours the limits of tasks its ``attach()``
+            producers send, and gives those without one this limit.
             Honoured within about 0.1 s (up to 0.5 s on a busy machine).
         max_memory_per_child (int | None): bytes of resident set above which a
             worker, after a task, is recycled as ``max_tasks_per_child`` does
@@ -230,7 +232,11 @@ class MQExecutor(Executor):
                                         max_tasks_per_child=max_tasks_per_child,
                                         allow=tuple(allow), swoole_handler=swoole_handler,
                                         max_memory_per_child=max_memory_per_child,
-                                        watch_deadlines=task_timeout is not None,
+                                        task_timeout=task_timeout,
+                                        # a keyed pool also serves attach()
+                                        # producers, whose tasks may have limits
+                                        watch_deadlines=(task_timeout is not None
+                                                         or key is not None),
                                         **relay.options(relay_logs)))
 
     @classmethod

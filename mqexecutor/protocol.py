@@ -148,18 +148,21 @@ class DeathCause(enum.IntEnum):
 
 #: The body of a WORKER_DIED notice: worker id i32, the dead worker's pid
 #: i32, its exit status i32 (negative: minus the signal number), the task id
-#: u64 (as its producer numbered it), the cause u8 (:class:`DeathCause`).
-_DEATH = struct.Struct("<iiiQB")
+#: u64 (as its producer numbered it), the cause u8 (:class:`DeathCause`), and
+#: for the cause TIMEOUT the time limit in milliseconds u32 (else 0).
+_DEATH = struct.Struct("<iiiQBI")
 
 
 def death_body(worker_id: int, pid: int, exitcode: int, task_id: int,
-               cause: int = 0) -> bytes:
+               cause: int = 0, limit_ms: int = 0) -> bytes:
     """The body of a WORKER_DIED notice (see ``_DEATH``)."""
-    return _DEATH.pack(worker_id, pid, exitcode, task_id, cause)
+    return _DEATH.pack(worker_id, pid, exitcode, task_id, cause,
+                       min(max(limit_ms, 0), 0xFFFFFFFF))
 
 
-def parse_death_body(body: bytes | memoryview) -> tuple[int, int, int, int, int]:
-    """Inverse of :func:`death_body`: (worker_id, pid, exitcode, task_id, cause).
+def parse_death_body(body: bytes | memoryview) -> tuple[int, int, int, int, int, int]:
+    """Inverse of :func:`death_body`: (worker_id, pid, exitcode, task_id, cause,
+    limit_ms).
 
     Raises:
         ProtocolError: the body is not of that size.

@@ -19,7 +19,7 @@ import time
 import pytest
 import sysv_ipc
 
-from mqexecutor import MQExecutor, Mode, ipcinfo, persistence, spill
+from mqexecutor import MQExecutor, Mode, TaskTimeoutError, ipcinfo, persistence, spill
 from mqexecutor.limits import msgmnb
 
 from .test_persistence import (  # noqa: F401
@@ -479,6 +479,27 @@ def test_serve_sigint_and_max_tasks_per_child(lab, qh):
     assert server.wait(30) == 0, server.transcript()
     assert server.out[-1] == "mqexecutor: stopped; 0 task(s) left in the queue"
     assert queue_exists(key), "serve must keep the queue"
+
+
+@pytest.mark.timeout(90)
+def test_serve_task_timeout_and_memory_cap(lab, qh, tmp_path):
+    """``serve --task-timeout`` limits every task (an attached producer sees
+    TaskTimeoutError, the task is stopped); ``--max-memory-per-child`` is
+    taken in MiB."""
+    key = lab.key()
+    server = lab.serve(key, 1, 3, "--task-timeout", "0.5", "--max-memory-per-child", "512")
+    producer = lab.track(MQExecutor.attach(key))
+    slow = producer.submit(qh.mark, str(tmp_path), "slow", 10)
+    with pytest.raises(TaskTimeoutError) as info:
+        slow.result(timeout=20)
+    assert info.value.limit == 0.5 and "time limit of 0.5 s" in str(info.value)
+    assert (tmp_path / "slow").read_text() == "run\n"  # ran once, stopped
+    assert producer.submit(qh.tag, "p", 1).result(timeout=20)[:2] == ("p", 1)
+    stop_executor(producer)
+    server.signal(signal.SIGTERM)
+    assert server.wait(30) == 0, server.transcript()
+    r = cli("serve", hex(key), "--task-timeout", "-1")
+    assert "task_timeout" in one_error_line(r, 2)
 
 
 PRODUCER_LEAVES = """

@@ -23,9 +23,11 @@ from .helpers import (
     pid_alive,
     pool,
     queue_exists,
+    remove_test_key,
     sleep_return,
     square,
     touch_marker,
+    unused_key,
     wait_until,
     where,
 )
@@ -103,6 +105,25 @@ def test_the_executor_wide_time_limit_and_tasks_of_a_batch(tmp_path):
         with pytest.raises(TaskTimeoutError):
             slow.result(timeout=30)
         assert [f.result(timeout=30) for f in after] == [i * i for i in range(10, 20)]
+
+
+def test_a_time_limit_set_by_an_attached_producer_is_honoured(tmp_path):
+    """A keyed pool watches deadlines from the start: a task an attach()
+    producer sends with a limit fails there, though the owner set none."""
+    key = unused_key()
+    try:
+        with pool(key, max_workers=1) as owner, MQExecutor.attach(key) as producer:
+            started = time.monotonic()
+            f = producer.with_options(timeout=0.3).submit(
+                sleep_then_mark, str(tmp_path), "slow", 10)
+            with pytest.raises(TaskTimeoutError):
+                f.result(timeout=30)
+            assert time.monotonic() - started < 2
+            assert producer.submit(square, 6).result(timeout=30) == 36
+            assert owner.stats().recycles["timeout"] == 1
+            assert not os.path.exists(tmp_path / "slow-done")
+    finally:
+        remove_test_key(key)
 
 
 def test_time_limit_arguments_are_checked():

@@ -316,8 +316,11 @@ class Manager:
         """Tell the producer of the task a dead worker was running (the owner,
         or another process that attached) through its reply queue; ``why``:
         a DeathCause."""
-        msg = build(Kind.RESULT, 0, Status.WORKER_DIED, slot.task_id, slot.token, 0, pid,
-                    wid, death_body(wid, pid, exitcode, slot.task_id, why), self.cfg.authkey)
+        limit_ms = (slot.deadline - slot.started) // 1_000_000 \
+            if why == DeathCause.TIMEOUT and slot.deadline else 0
+        msg = build(Kind.RESULT, 0, Status.WORKER_DIED, slot.task_id, slot.token, 0, pid, wid,
+                    death_body(wid, pid, exitcode, slot.task_id, why, limit_ms),
+                    self.cfg.authkey)
         self.send_to_producer(slot.token, slot.reply, slot.producer_pid, msg)
 
     def send_to_producer(self, token: int, reply: int, producer_pid: int,

@@ -356,8 +356,9 @@ class Collector(threading.Thread):
         retries left, else fail it."""
         dispatch = self.dispatch
         cause: int = DeathCause.DIED
+        limit_ms = 0
         try:
-            wid, pid, exitcode, _task, cause = parse_death_body(body)
+            wid, pid, exitcode, _task, cause, limit_ms = parse_death_body(body)
             err = TerminatedWorkerError(
                 f"task worker {wid} (pid {pid}) died with {describe_exit(exitcode)} "
                 f"while running task {task_id}", worker_id=wid, pid=pid, exitcode=exitcode,
@@ -408,7 +409,8 @@ class Collector(threading.Thread):
         if item is None or item.done():
             return
         if cause == DeathCause.TIMEOUT:
-            limit = item._timeout or 0.0
+            # its own limit, or the pool's (task_timeout of the pool serving it)
+            limit = item._timeout or limit_ms / 1000
             self.fail_item(item, TaskTimeoutError(
                 f"task {task_id} ({item.fn_name}) ran longer than its time limit of "
                 f"{limit:g} s: task worker {err.worker_id} (pid {err.pid}) was stopped",

@@ -128,6 +128,8 @@ class TaskWorker:
         self.mtype = wid + 1 if config.targeted else 0
         self.max_tasks = config.max_tasks_per_child or 0
         self.max_rss = config.max_memory_per_child or 0
+        #: The pool's time limit, for a task whose message has none (ns; 0: none).
+        self.default_limit_ns = int(config.task_timeout * 1e9) if config.task_timeout else 0
         self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC) \
             if self.max_rss else -1
         #: Set once this worker must take no other task: its exit status.
@@ -329,7 +331,8 @@ class TaskWorker:
                         start = entry_payload_start(raw, off)
                         if start <= off + n:
                             self.run_task(view[off:off + n], flags, task_id, token, reply,
-                                          pid, view[start:off + n], results)
+                                          pid, view[start:off + n], results,
+                                          self.default_limit_ns)
                             continue
                 self.handle_task(raw[off:off + n], results)
         finally:
@@ -349,7 +352,7 @@ class TaskWorker:
             self.reject(raw, str(exc))
             return
         self.run_task(raw, h.flags, h.task_id, h.token, h.reply, h.pid, payload, results,
-                      int(limit * 1e9) if limit else 0)
+                      int(limit * 1e9) if limit else self.default_limit_ns)
 
     def run_task(self, raw: bytes | memoryview, flags: int, task_id: int, token: int,
                  reply: int, pid: int, payload: memoryview,
