@@ -17,7 +17,10 @@
 Nothing here blocks a task: beyond ``BUFFER`` items waiting, records and text
 are dropped and counted (``stats().relay_dropped``). Before a task's result is
 sent, the worker waits up to ``DRAIN_SECONDS`` for what it logged and printed
-to leave, so it arrives first.
+to leave, so it arrives first. Printed text longer than a message holds
+goes in pieces; a record longer than a message has the middle of its long
+text attributes (its message) cut, and says so; a record still too long (a
+large ``extra=`` object that is not text) is dropped and counted.
 
 A RELAY message's body pickles ``(dropped, items)``: ``dropped`` counts what
 was dropped since the last message; each item is ``("log", task_id, dict of
@@ -34,7 +37,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .protocol import HEADER_SIZE, Kind, build
+from .limits import msgmax
+from .protocol import HEADER_SIZE, TAG_SIZE, Kind, build
 
 __all__ = ["options", "in_notebook", "WorkerRelay", "deliver", "BUFFER", "DRAIN_SECONDS"]
 
@@ -43,8 +47,11 @@ __all__ = ["options", "in_notebook", "WorkerRelay", "deliver", "BUFFER", "DRAIN_
 BUFFER = 10_000
 #: Seconds a worker waits, at the end of a task, for its relayed items to leave.
 DRAIN_SECONDS = 0.5
-#: Bytes of pickled items per RELAY message, at most (a message holds msgmax).
+#: Bytes of pickled items per RELAY message, aimed at (a message holds msgmax).
 _MESSAGE_ITEMS = 6000
+#: Bytes a RELAY body keeps for the pickle's own framing and the record's
+#: other attributes.
+_OVERHEAD = 1024
 
 
 def in_notebook() -> bool:
@@ -177,6 +184,10 @@ class WorkerRelay:
         self.wid = wid
         self.pid = pid
         self.authkey = authkey
+        #: Bytes of a RELAY body, at most (msgmax less the header and tag).
+        self.body_max = msgmax() - HEADER_SIZE - TAG_SIZE
+        #: Characters of text per relayed piece (4 UTF-8 bytes at most each).
+        self.piece = max(64, (self.body_max - _OVERHEAD) // 4)
         self.writers: list[_Writer] = []
         self.owner = owner
         self.route = owner  # (reply, pid, token) of the task running
@@ -221,12 +232,17 @@ class WorkerRelay:
         self.route = self.owner
 
     def add(self, item: tuple) -> None:
-        """Queue an item for the current route; drop it when BUFFER are waiting."""
+        """Queue an item for the current route; drop it when BUFFER are waiting.
+        Text longer than one message holds goes as several pieces."""
+        pieces = [item]
+        if item[0] == "out" and len(item[3]) > self.piece:
+            pieces = [item[:3] + (text,) for text in _split(item[3], self.piece)]
         with self.lock:
-            if len(self.items) >= BUFFER:
-                self.dropped += 1
-                return
-            self.items.append((self.route, item))
+            for piece in pieces:
+                if len(self.items) >= BUFFER:
+                    self.dropped += 1
+                    continue
+                self.items.append((self.route, piece))
             self.idle.clear()
         self.ready.set()
 
@@ -253,16 +269,45 @@ class WorkerRelay:
     def _send(self, route: tuple[int, int, int], dropped: int, batch: list) -> None:
         reply, pid, token = route
         body = _dumps((dropped, batch))
+        if len(body) > self.body_max:
+            if len(batch) > 1:  # too big: halve it
+                half = len(batch) // 2
+                self._send(route, dropped, batch[:half])
+                self._send(route, 0, batch[half:])
+                return
+            record = _shortened(batch[0], self.piece)  # a record longer than a message
+            body = _dumps((dropped, [record])) if record is not None else b""
+            if record is None or len(body) > self.body_max:
+                body = _dumps((dropped + 1, []))  # dropped: say so at once
         message = build(Kind.RELAY, 0, 0, 0, token, 0, self.pid, self.wid, body, self.authkey)
-        if len(message) > HEADER_SIZE + 8000 and len(batch) > 1:  # too big: halve it
-            half = len(batch) // 2
-            self._send(route, dropped, batch[:half])
-            self._send(route, 0, batch[half:])
-            return
         try:
             self.send(reply, message, pid, token)
         except Exception:  # noqa: BLE001 - the relay must not die
             pass
+
+
+def _split(text: str, piece: int) -> list[str]:
+    """``text`` in pieces that each pickle within a message: ``piece``
+    characters (4 UTF-8 bytes at most each), or 4 times more when ASCII."""
+    n = piece * 4 if text.isascii() else piece
+    return [text[i:i + n] for i in range(0, len(text), n)]
+
+
+def _shortened(item: tuple, piece: int) -> tuple | None:
+    """A logging record too long for one RELAY message, with the middle of
+    each long text attribute (``msg``, and ``message`` that
+    ``QueueHandler.prepare`` sets to the same text) cut and said so: the
+    start and the end of a traceback are kept. None for anything else."""
+    if item[0] != "log":
+        return None
+    keep = piece // 2
+    record = dict(item[2])
+    for name, value in record.items():
+        if isinstance(value, str) and len(value) > 2 * keep:
+            cut = len(value) - 2 * keep
+            record[name] = (f"{value[:keep]}\n... [{cut} characters cut: a relayed record"
+                            f" holds one message] ...\n{value[-keep:]}")
+    return ("log", item[1], record)
 
 
 def _size(item: tuple) -> int:

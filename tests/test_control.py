@@ -302,6 +302,32 @@ def test_relay_logs_false_relays_nothing(collected):
     assert not [r for r in collected if r.name == "tests.control"]
 
 
+def log_long(text, extra_bytes=0):
+    extra = {"blob": b"b" * extra_bytes} if extra_bytes else None
+    logging.getLogger("tests.control").warning("%s", text, extra=extra)
+    logging.getLogger("tests.control").warning("after")
+    return len(text)
+
+
+@pytest.mark.parametrize("char", ["x", "\u00e9"])
+def test_a_record_longer_than_a_message_arrives_cut_and_says_so(collected, char):
+    text = "start " + char * 30_000 + " end"
+    with pool(max_workers=1) as ex:
+        assert ex.submit(log_long, text).result(timeout=30) == len(text)
+        ours = [r.getMessage() for r in collected if r.name == "tests.control"]
+        assert len(ours) == 2 and ours[1] == "after"
+        assert ours[0].startswith("start " + char * 100) and ours[0].endswith(char * 100 + " end")
+        assert "characters cut: a relayed record holds one message" in ours[0]
+        assert ex.stats().relay_dropped == 0
+
+
+def test_a_record_too_big_to_relay_is_dropped_and_counted(collected):
+    with pool(max_workers=1) as ex:
+        assert ex.submit(log_long, "short", 50_000).result(timeout=30) == 5
+        assert [r.getMessage() for r in collected if r.name == "tests.control"] == ["after"]
+        assert ex.stats().relay_dropped == 1
+
+
 def test_a_burst_of_records_neither_blocks_the_worker_nor_grows_without_bound(collected):
     """100k records in one task: the task ends at its own pace (beyond the
     relay's buffer, records are dropped and counted), all of the records are

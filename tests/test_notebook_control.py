@@ -29,6 +29,7 @@ def test_what_a_task_prints_shows_under_its_cell(kernel_manager, tmp_path):  # n
         "    print('to stderr', n, file=sys.stderr)\n    return n",
         "ex.submit(chatty, 1).result(timeout=30)",
         "print('cell 4 only')",
+        "ex.submit(print, 'start ' + '\\u00e9' * 20000 + ' end').result(timeout=30)",
         "[f.result(timeout=30) for f in [ex.submit(chatty, i) for i in (5, 6)]]",
         "ex.shutdown()",
     ]
@@ -39,8 +40,10 @@ def test_what_a_task_prints_shows_under_its_cell(kernel_manager, tmp_path):  # n
     assert "printed by task 1" in _outputs(nb.cells[2])
     assert "to stderr 1" in _outputs(nb.cells[2])
     assert _outputs(nb.cells[3]) == "cell 4 only\n"
-    assert "printed by task 5" in _outputs(nb.cells[4])
-    assert "printed by task 6" in _outputs(nb.cells[4])
+    # longer than a message: relayed in pieces, whole
+    assert _outputs(nb.cells[4]) == "start " + "\u00e9" * 20000 + " end\n"
+    assert "printed by task 5" in _outputs(nb.cells[5])
+    assert "printed by task 6" in _outputs(nb.cells[5])
 
 
 def test_interrupting_a_map_leaves_the_executor_usable(kernel_manager, tmp_path):  # noqa: F811
