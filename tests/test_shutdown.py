@@ -301,6 +301,8 @@ def test_terminate_and_kill_workers(tmp_path, method, signum):
     finally:
         gate.open()  # never needed unless the test failed
     _assert_released(res, timeout=15)
+    # stopped, not recycled: no worker replaced, none counted as a crash
+    assert not any(ex.stats().recycles.values()), ex.stats().recycles
     shutdown_or_fail(ex)  # harmless afterwards
 
 

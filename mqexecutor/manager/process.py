@@ -199,7 +199,8 @@ class Manager:
             # is never reported dead, and the producer re-queues the rest of
             # its batch.
             self.report_death(wid, pid, exitcode, slot, why)
-        self.tell(EXITED, wid, pid, exitcode, self.cause(exitcode, why))
+        self.tell(EXITED, wid, pid, exitcode,
+                  "stopped" if slot.state == INIT_FAILED else self.cause(exitcode, why))
         if slot.state == INIT_FAILED or self.stopping:
             return  # INIT_FAILED: the owner breaks the pool with the error
         if not self.task_queue_exists():
@@ -214,13 +215,17 @@ class Manager:
             self.stopping = True
 
     def cause(self, exitcode: int, why: int) -> str:
-        """The cause of a worker's exit (one of CAUSES)."""
+        """The cause of a worker's exit (one of CAUSES): "stopped" for every
+        exit once the pool is stopping (shutdown, terminate_workers(),
+        kill_workers(): no replacement follows)."""
         if why == DeathCause.TIMEOUT:
             return "timeout"
         if why == DeathCause.TERMINATED:
             return "terminate"
+        if self.stopping:
+            return "stopped"
         if exitcode == 0:
-            return "stopped" if self.stopping else "max_tasks"
+            return "max_tasks"
         if exitcode == EXIT_MEMORY:
             return "memory"
         return "died"
