@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from typing import Any, NamedTuple
 
 from ..manager.launch import ManagerProcess
+from ..scoreboard import BUSY
 from .dispatch import Dispatcher
 from .pool import PoolFlags, Resources, WorkerProcess
 
@@ -19,6 +21,8 @@ __all__ = ["PoolState", "PoolStats"]
 #: Seconds ``shutdown(cancel_futures=True)`` waits for a new pool's workers to
 #: start before it takes its tasks back from the kernel queue.
 READY_WAIT = 10.0
+#: Seconds it then waits at most for each started worker to reach msgrcv.
+RECEIVE_WAIT = 2.0
 
 
 class PoolState:
@@ -65,8 +69,31 @@ class PoolState:
             # Tasks the workers take meanwhile run, as those in
             # ProcessPoolExecutor's call queue do: wait until they can.
             self.ready.wait(READY_WAIT)
+            self.wait_receiving(RECEIVE_WAIT)
             self.dispatch.withdraw_queued()
         self.res.wake()
+
+    def wait_receiving(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds until every live worker of this pool
+        runs a task (scoreboard) or waits in msgrcv (``/proc/PID/wchan``), so
+        that a pool just started gives its workers their first tasks before
+        ``shutdown(cancel_futures=True)`` takes the rest back, as
+        ProcessPoolExecutor's call queue keeps the tasks it holds. Returns at
+        once where wchan cannot be read."""
+        board = self.res.board
+        if board is None or self.flags.broken is not None:
+            return
+        deadline = time.monotonic() + timeout
+        waiting = dict(self.processes)
+        while waiting and time.monotonic() < deadline:
+            for wid, proc in list(waiting.items()):
+                if proc.exitcode is not None or board.read(wid).state == BUSY:
+                    del waiting[wid]
+                    continue
+                if _receiving(proc.pid):
+                    del waiting[wid]
+            if waiting:
+                time.sleep(0.002)
 
     def break_pool(self, message: str) -> None:
         """Fail every pending Future with BrokenMQPool; later submits raise it."""
@@ -76,6 +103,22 @@ class PoolState:
         self.dispatch.fail_all(message)
         self.ready.set()
         self.res.wake()
+
+
+def _receiving(pid: int) -> bool:
+    """Whether process ``pid`` sleeps in msgrcv, as /proc tells: its wchan
+    while it sleeps. True also when it is gone or the kernel hides wchan
+    (``"0"`` for a sleeping process), so that nobody waits for nothing."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            run_state = f.read().rpartition(b")")[2].split()[0]
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read()
+    except (OSError, IndexError):
+        return True
+    if run_state in (b"R", b"D"):
+        return False
+    return wchan in ("do_msgrcv", "0", "")
 
 
 class PoolStats(NamedTuple):
