@@ -23,6 +23,14 @@ How it differs from ``concurrent.futures.ProcessPoolExecutor`` (on purpose):
   lock; ``result()`` waits on a lock of its own (see :mod:`mqexecutor.future`).
 * **Functions by value when needed.** Lambdas, closures and ``__main__``
   functions travel with cloudpickle; module functions travel as a reference.
+* **Its own process group.** The manager process leads a process group of
+  its own, with the workers in it: Ctrl-C in a terminal reaches only the
+  submitting process, and leaving ``with`` on KeyboardInterrupt stops the
+  running tasks (``terminate_workers()``) instead of waiting for them.
+* **Per-task control.** Time limits (``task_timeout=``,
+  ``with_options(timeout=)``: TaskTimeoutError), ``MQFuture.terminate()``
+  of a running task, ``max_memory_per_child``, and ``logging`` records of
+  tasks relayed to this process's handlers.
 * **More than a pool**: a queue on a key of yours (``key=``) outlives the
   executor, other programs may post tasks to it, tasks may target one worker
   (``Mode.TARGETED``, ``submit_to``), and a task that does not fit in a
@@ -181,7 +189,8 @@ class MQExecutor(Executor):
             ``task_timeout`` not > 0, ``max_memory_per_child`` under 1 MiB.
         QueueModeError: the key's queue holds tasks of the other mode or another
             wire version, or a live pool of the other mode serves it.
-        TypeError: ``initializer`` not callable, ``key`` not an int.
+        TypeError: ``initializer`` not callable, ``key`` not an int,
+            ``task_timeout`` not a number, ``max_memory_per_child`` not an int.
         sysv_ipc.PermissionsError: the queue of ``key`` belongs to someone else.
         OSError: the kernel refused to create a queue (e.g. msgmni reached).
 
@@ -426,7 +435,10 @@ class MQExecutor(Executor):
     def stats(self) -> PoolStats:
         """A :class:`PoolStats` snapshot: kernel queue messages, bytes and
         capacity, this executor's backlog, running and completed tasks, live
-        workers and inherited tasks."""
+        workers, inherited tasks, dead letters (``rejected``), workers
+        replaced by cause (``recycles``) and relayed records dropped
+        (``relay_dropped``). Waits (up to 60 s) for a new pool's workers to
+        start."""
         state = self._state
         state.ready.wait(START_TIMEOUT)  # the workers started (or never will)
         res = state.res

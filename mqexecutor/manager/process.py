@@ -436,10 +436,11 @@ class Manager:
         return True
 
     def on_sigterm(self) -> int:
-        """SIGTERM: kill the workers with it, and if the owner dies too (the
-        whole process group was signalled: ``kill -TERM -<pgid>``, ``timeout``,
-        ``docker stop``) remove what only it would have removed; then die of
-        the signal."""
+        """SIGTERM (sent to the manager itself, or to its own process group:
+        it leads one, so a signal to the owner's group does not reach it):
+        kill the workers with it, and if the owner is gone too (``kill -TERM
+        -<pgid>`` of both groups, ``docker stop``) remove what only it would
+        have removed; then die of the signal."""
         self.stopping = True
         self.signal_workers(signal.SIGTERM)
         deadline = time.monotonic() + 1.0
