@@ -383,9 +383,12 @@ CTRL_C = textwrap.dedent("""
 """)
 
 
-def _interrupt(tmp_path, kind, wait):
+def _interrupt(tmp_path, kind, wait, may_hang=False):
     """Run CTRL_C in its own process group, Ctrl-C it once READY; returns
-    (seconds from SIGINT to KeyboardInterrupt, to leaving the with block, info)."""
+    (seconds from SIGINT to KeyboardInterrupt, to leaving the with block, info).
+    With ``may_hang``, a script still running 30 s later is killed and
+    (None, None, {}) returned: ProcessPoolExecutor sometimes hangs there when
+    its workers got the SIGINT too."""
     script = tmp_path / "ctrl_c.py"
     script.write_text(CTRL_C)
     proc = subprocess.Popen([sys.executable, str(script), kind, wait], stdout=subprocess.PIPE,
@@ -397,7 +400,12 @@ def _interrupt(tmp_path, kind, wait):
         info = json.loads(line.split(" ", 1)[1])
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: the whole group
-        out, err = proc.communicate(timeout=30)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            if not may_hang:
+                raise
+            return None, None, {}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -411,8 +419,11 @@ def _interrupt(tmp_path, kind, wait):
 def test_ctrl_c_interrupts_at_once_and_leaving_with_stops_everything(tmp_path, wait):
     interrupted, exited, info = _interrupt(tmp_path, "mq", wait)
     assert interrupted < 0.5, interrupted
-    ppe_exited = _interrupt(tmp_path, "ppe", wait)[1]
-    assert exited <= max(ppe_exited, 0.5) + 0.2, (exited, ppe_exited)
+    ppe_exited = _interrupt(tmp_path, "ppe", wait, may_hang=True)[1]
+    # no slower than ProcessPoolExecutor, and well before the tasks' 2 s
+    # when ProcessPoolExecutor hung
+    bound = max(ppe_exited if ppe_exited is not None else 1.0, 0.5) + 0.2
+    assert exited <= bound, (exited, ppe_exited)
     pids = [info["manager"], *info["workers"]]
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), 10)
     assert not any(queue_exists(k) for k in info["keys"])

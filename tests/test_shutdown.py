@@ -242,15 +242,17 @@ def test_shutdown_cancel_futures(mode):
 @pytest.mark.parametrize("mode", [Mode.PREEMPTIVE, Mode.TARGETED])
 def test_cancel_futures_on_a_pool_just_started_runs_one_task_per_worker(mode):
     """shutdown(cancel_futures=True) at once after the submits: the workers
-    were still starting, yet each gets its first task, as the tasks in
-    ProcessPoolExecutor's call queue run (CPython's test_cancel_futures)."""
+    were still starting, yet those with a task in the kernel queue take it, as
+    the tasks in ProcessPoolExecutor's call queue run (CPython's
+    test_cancel_futures). Preemptive: each of the 5 workers takes one;
+    targeted: a worker may have had none of its own in the queue."""
     for _ in range(3):
         ex = MQExecutor(max_workers=5, mode=mode)
         res = _resources(ex)
         fs = [ex.submit(sleep_return, 0.1, i) for i in range(50)]
         shutdown_or_fail(ex, cancel_futures=True)
         finished = [f for f in fs if not f.cancelled()]
-        assert len(finished) >= 5, len(finished)
+        assert len(finished) >= (5 if mode == Mode.PREEMPTIVE else 1), len(finished)
         assert sum(f.cancelled() for f in fs) > 20
         assert all(f.result() == fs.index(f) for f in finished)
         _assert_released(res)
