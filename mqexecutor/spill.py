@@ -241,14 +241,13 @@ def write(subdir: str, pickled: bytes, buffers: Sequence[memoryview] = (),
     """
     if name is not None and (not _NAME_RE.fullmatch(name) or ".." in name):
         raise SpillError(errno.EINVAL, f"bad spill file name {name!r}")
-    import secrets  # here: with hmac and hashlib, 4 ms of import that few pools need
     lengths = [b.nbytes for b in buffers]
     total = len(pickled) + sum(lengths) + 64 * (len(lengths) + 2)
     first = choose_root(total)
     last_error: Exception | None = None
     for index in range(first, len(spill_roots())):
         directory = ensure_subdir(index, subdir)
-        filename = name or secrets.token_hex(12) + ".spill"
+        filename = name or os.urandom(12).hex() + ".spill"  # as secrets.token_hex
         path = os.path.join(directory, filename)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
