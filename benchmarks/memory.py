@@ -171,6 +171,7 @@ def c_pending(spec: dict) -> dict:
 
 def c_durable(spec: dict) -> dict:
     import workload
+
     from mqexecutor import MQExecutor, persistence
     key = _free_key()
     n, lat_n = spec["n"], spec["lat"]

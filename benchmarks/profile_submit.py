@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Profile the parent side of mqexecutor's no-op submit throughput (figure 1).
+"""Profile the parent side of mqexecutor's submit throughput, with a no-op module
+function in preemptive mode (the module path, figure M1 without arguments).
 
     python benchmarks/profile_submit.py                   # py-spy, every thread
     python benchmarks/profile_submit.py --tool pyinstrument   # caller thread only
@@ -28,8 +29,9 @@ sys.path.insert(0, HERE)
 def workload_run(args: argparse.Namespace, profiler=None) -> float:
     import concurrent.futures as cf
 
-    import mqexecutor
     import workload
+
+    import mqexecutor
     ex = mqexecutor.MQExecutor(max_workers=args.workers, mode=args.mode)
     try:
         cf.wait([ex.submit(workload.noop) for _ in range(8 * args.workers)])

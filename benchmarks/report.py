@@ -1,6 +1,6 @@
 """Turns the JSON of a benchmark run into tables (markdown, terminal) and a plot.
 
-Used by run.py; ``python benchmarks/run.py --report results/latest.json``
+Used by run.py; ``python benchmarks/run.py --report benchmarks/results/latest.json``
 regenerates docs/benchmarks.md and docs/benchmarks.png from a saved run.
 
 A run (format 2) holds one data set per Python (``data["pythons"]``, each in
@@ -84,6 +84,10 @@ def label(kind: str, short_: bool = False) -> str:
 
 
 # -- rows -------------------------------------------------------------------------------
+#: Figures whose rows show the raw ping-pong (rows 1, 2, M1 and M2).
+RAW_ROW_FIGURES = ("submit", "latency", "module")
+
+
 def rows(d: dict) -> list[dict]:
     """The measures of one Python to show, in order: spec key, field, label,
     unit, target, table section, plot panel and tick."""
@@ -189,6 +193,8 @@ def method(s: dict) -> str:
 
 
 def stats(d: dict, row: dict, kind: str) -> dict | None:
+    if kind in adapters.RAW_KINDS and row["fig"] not in RAW_ROW_FIGURES:
+        return None  # measured for a spec another figure shares (6b = 1)
     st = d["summary"].get(row["key"], {}).get(kind, {}).get(row["field"])
     if not st:
         return None

@@ -537,7 +537,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "several Pythons (see docs/benchmarks.md).")
     ap.add_argument("--quick", action="store_true",
                     help="smoke mode: small sizes, 1 repeat, ~1-2 minutes per Python; "
-                         "writes its report into benchmarks/results/ unless --doc is given")
+                         "writes its report into the --out directory unless --doc is given")
     ap.add_argument("--pythons", default=",".join(DEFAULT_PYTHONS),
                     help="comma-separated Python versions to run the plan on, in order "
                          f"(default {','.join(DEFAULT_PYTHONS)}); this interpreter's "
@@ -606,7 +606,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.workers < 1:
         ap.error("--workers must be >= 1")
     if adapters.BASELINE not in args.kinds:
-        print(f"note: {adapters.BASELINE} not selected: no ratios", file=sys.stderr)
+        print(f"note: {adapters.BASELINE} not selected: no ratios to it (the notebook "
+              "figure still compares with ppe-fork)", file=sys.stderr)
     return args
 
 
