@@ -144,6 +144,9 @@ class DeathCause(enum.IntEnum):
     TIMEOUT = 1
     #: The manager stopped it: the task was terminated (``MQFuture.terminate``).
     TERMINATED = 2
+    #: Sent by a producer to itself: a worker that died took the task from
+    #: the queue and did not start it (producer/recovery.py).
+    LOST = 3
 
 
 #: The body of a WORKER_DIED notice: worker id i32, the dead worker's pid

@@ -6,10 +6,12 @@ targeted tasks queued for a dead worker): here a worker dies of a segfault
 faulthandler leaves a traceback naming the task function on the worker's
 stderr, ``retries=`` re-runs a task whose worker died, 100k tasks go through
 ``map(buffersize=...)``, 16 producer processes share one pool, and
-``mqexecutor gc`` reclaims what a SIGKILLed private executor left behind.
+``mqexecutor gc`` reclaims what a SIGKILLed private executor left behind, and
+a task taken by a worker killed before it wrote its slot is found.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import faulthandler
 import json
@@ -26,10 +28,12 @@ import pytest
 import sysv_ipc
 
 from mqexecutor import Mode, TerminatedWorkerError, ipcinfo, persistence, spill
+from mqexecutor.protocol import PREEMPTIVE_MTYPE, targeted_mtype, unpack_header
 
 from .helpers import (
     REPO,
     Gate,
+    gated,
     identity,
     kill_tree_groups,
     no_core,
@@ -626,3 +630,58 @@ def test_queue_removed_by_hand_breaks_the_pool(which, monkeypatch):
         with pytest.raises(BrokenMQPool):
             ex.submit(square, 2)
     assert thread_errors == [], [(e.thread.name, e.exc_value) for e in thread_errors]
+
+
+# --------------------------------------------------------------------------
+# A task taken by a worker that died before it wrote its slot
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [Mode.PREEMPTIVE, Mode.TARGETED])
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_task_taken_by_a_worker_killed_before_it_said_so_is_not_left_waiting(
+        tmp_path, mode, retries):
+    """A worker killed between the msgrcv that takes a task and the write of
+    its scoreboard slot takes the message with it, and the manager reports no
+    task. Here the test takes the message from the pool's real queue itself,
+    as such a worker does, and SIGKILLs an idle (stopped) worker: the owner
+    finds the task neither queued nor running and sends it again when it kept
+    its message (retries=1), else fails it, at once rather than never."""
+    gate = Gate(tmp_path)
+    with pool(max_workers=2, mode=mode, retries=retries, batch_size=1) as ex:
+        pids = {p.worker_id: pid for pid, p in ex._processes.items()}
+        os.kill(pids[1], signal.SIGSTOP)  # worker 1 takes nothing now
+        try:
+            if mode == Mode.TARGETED:
+                blocker = ex.submit_to(0, gated, gate.path, gate.started_dir, "b")
+            else:
+                blocker = ex.submit(gated, gate.path, gate.started_dir, "b")
+            gate.wait_started(1)
+            f = (ex.submit_to(1, square, 7) if mode == Mode.TARGETED
+                 else ex.submit(square, 7))
+            assert f.running()  # in the kernel queue
+            queue = sysv_ipc.MessageQueue(ex.key)
+            mtype = targeted_mtype(1) if mode == Mode.TARGETED else PREEMPTIVE_MTYPE
+            stolen = []
+
+            def steal():
+                try:
+                    stolen.append(queue.receive(block=False, type=mtype)[0])
+                except sysv_ipc.BusyError:
+                    return False
+                return True
+            assert wait_until(steal, 10)
+            assert unpack_header(stolen[0]).task_id == f.task_id
+            os.kill(pids[1], signal.SIGKILL)  # died "after taking it"
+            if retries:
+                assert f.result(timeout=20) == 49  # sent again: it never started
+            else:
+                with pytest.raises(TerminatedWorkerError, match="was lost") as info:
+                    f.result(timeout=20)
+                assert info.value.task_id == f.task_id and info.value.pid == pids[1]
+        finally:
+            gate.open()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pids[1], signal.SIGCONT)
+        assert blocker.result(timeout=20)[0] == 0
+        assert ex.submit(square, 3).result(timeout=20) == 9
+        assert ex.stats().recycles["died"] == 1

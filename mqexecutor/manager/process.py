@@ -27,8 +27,10 @@ another thread can be held in the child). It is started by the pool's owner
 Control messages (tuples over a :class:`~mqexecutor.manager.channel.Channel`),
 owner to manager: ``(STOP,)``, ``(SIGNAL, signum)``, ``(WATCH,)`` (watch time
 limits from now on), ``(TERMINATE, token, task_id)``; manager to owner:
-``(READY,)``, ``(STARTED, wid, pid)``, ``(EXITED, wid, pid, exitcode, cause)``
-(cause: one of ``CAUSES``), ``(BROKEN, reason)``, ``(STOPPED,)``.
+``(READY,)``, ``(STARTED, wid, pid)``, ``(EXITED, wid, pid, exitcode, cause,
+unreported)`` (cause: one of ``CAUSES``; unreported: it died by itself while
+its slot was idle, so it may have taken a task it did not say, see
+producer/recovery.py), ``(BROKEN, reason)``, ``(STOPPED,)``.
 """
 from __future__ import annotations
 
@@ -186,8 +188,11 @@ class Manager:
         """Worker ``wid`` (``pid``) exited: deliver its outbox, report the task
         it died running, tell the owner, and start a replacement."""
         slot = self.board.read(wid)
-        self.board.idle(wid)
+        # The results it had not sent go first, then its slot is cleared: a
+        # producer looking for lost tasks (producer/recovery.py) never sees
+        # such a task neither running nor answered.
         self.deliver_outbox(wid)
+        self.board.idle(wid)
         why: int = DeathCause.DIED
         stopped = self.stopping_task.pop(wid, None)
         if (stopped is not None and stopped[0] == pid and slot.state == BUSY
@@ -199,8 +204,8 @@ class Manager:
             # is never reported dead, and the producer re-queues the rest of
             # its batch.
             self.report_death(wid, pid, exitcode, slot, why)
-        self.tell(EXITED, wid, pid, exitcode,
-                  "stopped" if slot.state == INIT_FAILED else self.cause(exitcode, why))
+        cause = "stopped" if slot.state == INIT_FAILED else self.cause(exitcode, why)
+        self.tell(EXITED, wid, pid, exitcode, cause, cause == "died" and slot.state != BUSY)
         if slot.state == INIT_FAILED or self.stopping:
             return  # INIT_FAILED: the owner breaks the pool with the error
         if not self.task_queue_exists():

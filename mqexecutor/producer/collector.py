@@ -22,7 +22,7 @@ import sysv_ipc
 
 from .. import codec, queues, spill
 from ..errors import ResultUnpicklingError, TaskTimeoutError, TerminatedWorkerError
-from ..future import MQFuture, fail, finish_values, set_outcome
+from ..future import RUNNING, MQFuture, fail, finish_values, set_outcome
 from ..manager.process import describe_exit
 from ..protocol import (
     CONTROL_MTYPE,
@@ -366,6 +366,9 @@ class Collector(threading.Thread):
         except ProtocolError as exc:
             err = TerminatedWorkerError(f"the task worker running task {task_id} died "
                                         f"({exc})", task_id=task_id)
+        if cause == DeathCause.LOST:
+            self.task_lost(task_id, err)
+            return
         with dispatch.lock:
             again: list[MQFuture] = []
             lost: list[MQFuture] = []
@@ -418,6 +421,32 @@ class Collector(threading.Thread):
                 worker_id=err.worker_id, pid=err.pid))
             return
         self.fail_item(item, err)
+
+    def task_lost(self, task_id: int, err: TerminatedWorkerError) -> None:
+        """A worker that died took ``task_id`` from the queue and never started
+        it (a LOST notice, producer/recovery.py): send it again when its
+        message is kept (in a BATCH, with retries, durable), else fail it. A
+        task done by now (its result came first) is left alone."""
+        dispatch = self.dispatch
+        with dispatch.lock:
+            item = dispatch.pending.get(task_id)
+            if item is None or item.done() or item._state != RUNNING:
+                return
+            if item._message:
+                item._batch = None
+                dispatch.backlog.appendleft(item)
+                item = None
+            else:
+                item = dispatch.take(task_id)
+        if item is None:
+            dispatch.feed()
+            self.state.res.wake()
+            return
+        self.fail_item(item, TerminatedWorkerError(
+            f"task {task_id} was lost: a task worker took it from the queue and died before "
+            f"starting it (the last to die so: task worker {err.worker_id}, pid {err.pid}, "
+            f"{describe_exit(err.exitcode)})", worker_id=err.worker_id, pid=err.pid,
+            exitcode=err.exitcode, task_id=task_id))
 
     def fail_item(self, fut: MQFuture, err: BaseException) -> None:
         """Fail the Future of a task whose worker died (taken from pending)."""

@@ -36,11 +36,13 @@ def apply_event(state: PoolState, event: tuple) -> None:
         _, wid, pid = event
         state.processes[wid] = WorkerProcess(wid, pid)
     elif kind == manager_process.EXITED:
-        _, wid, pid, exitcode, cause = event
+        _, wid, pid, exitcode, cause, unreported = event
         state.exits[cause] += 1
         proc = state.processes.get(wid)
         if proc is not None and proc.pid == pid:
             proc._set_exit(exitcode)
+        if unreported:  # it may have taken a task without saying so
+            state.lost_tasks.worker_died(wid, pid, exitcode)
     elif kind == manager_process.READY:
         state.ready.set()
     elif kind == manager_process.BROKEN:

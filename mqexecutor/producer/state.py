@@ -15,14 +15,13 @@ from ..manager.launch import ManagerProcess
 from ..scoreboard import BUSY
 from .dispatch import Dispatcher
 from .pool import PoolFlags, Resources, WorkerProcess
+from .recovery import RECEIVE_WAIT, LostTasks
 
 __all__ = ["PoolState", "PoolStats"]
 
 #: Seconds ``shutdown(cancel_futures=True)`` waits for a new pool's workers to
 #: start before it takes its tasks back from the kernel queue.
 READY_WAIT = 10.0
-#: Seconds it then waits at most for each started worker to reach msgrcv.
-RECEIVE_WAIT = 2.0
 
 
 class PoolState:
@@ -56,6 +55,8 @@ class PoolState:
         self.relay_dropped = 0
         self.collector: threading.Thread | None = None
         self.monitor: threading.Thread | None = None
+        #: The search for tasks lost with a worker (producer/recovery.py).
+        self.lost_tasks = LostTasks(self)
 
     def request_shutdown(self, cancel_futures: bool = False, abandon: bool = False) -> None:
         """Stop accepting tasks; the monitor tears down once nothing is pending
