@@ -22,6 +22,9 @@ __all__ = ["PoolState", "PoolStats"]
 #: Seconds ``shutdown(cancel_futures=True)`` waits for a new pool's workers to
 #: start before it takes its tasks back from the kernel queue.
 READY_WAIT = 10.0
+#: Looks (2 ms apart) at a sleeping worker whose wchan the kernel hides before
+#: it is taken to be in msgrcv.
+UNKNOWN_WCHAN_LOOKS = 25
 
 
 class PoolState:
@@ -86,12 +89,19 @@ class PoolState:
             return
         deadline = time.monotonic() + timeout
         waiting = dict(self.processes)
+        unknown: dict[int, int] = {}
         while waiting and time.monotonic() < deadline:
             for wid, proc in list(waiting.items()):
                 if proc.exitcode is not None or board.read(wid).state == BUSY:
                     del waiting[wid]
                     continue
-                if _receiving(proc.pid):
+                seen = _receiving(proc.pid)
+                if seen is None:  # sleeping, wchan hidden: after a while, believe it
+                    unknown[wid] = unknown.get(wid, 0) + 1
+                    seen = unknown[wid] >= UNKNOWN_WCHAN_LOOKS
+                else:
+                    unknown.pop(wid, None)
+                if seen:
                     del waiting[wid]
             if waiting:
                 time.sleep(0.002)
@@ -106,20 +116,30 @@ class PoolState:
         self.res.wake()
 
 
-def _receiving(pid: int) -> bool:
+def _receiving(pid: int) -> bool | None:
     """Whether process ``pid`` sleeps in msgrcv, as /proc tells: its wchan
-    while it sleeps. True also when it is gone or the kernel hides wchan
-    (``"0"`` for a sleeping process), so that nobody waits for nothing."""
+    while it sleeps. True when it is gone; None when it sleeps and the kernel
+    hides wchan (``"0"``), or it woke up between the two reads (a process
+    running shows ``"0"`` too, so a ``"0"`` counts only between two reads
+    that find it sleeping)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            run_state = f.read().rpartition(b")")[2].split()[0]
+            before = f.read().rpartition(b")")[2].split()[0]
+        if before != b"S":
+            return False
         with open(f"/proc/{pid}/wchan") as f:
             wchan = f.read()
-    except (OSError, IndexError):
+        if wchan == "do_msgrcv":
+            return True
+        if wchan not in ("0", ""):
+            return False
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            after = f.read().rpartition(b")")[2].split()[0]
+    except FileNotFoundError:
         return True
-    if run_state in (b"R", b"D"):
-        return False
-    return wchan in ("do_msgrcv", "0", "")
+    except (OSError, IndexError):
+        return None
+    return None if after == b"S" else False
 
 
 class PoolStats(NamedTuple):
