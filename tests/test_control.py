@@ -398,6 +398,10 @@ def _interrupt(tmp_path, kind, wait, may_hang=False):
         line = proc.stdout.readline()
         assert line.startswith("READY"), (line, proc.stderr.read())
         info = json.loads(line.split(" ", 1)[1])
+        # Ctrl-C while the main thread waits, not while it sets up the wait:
+        # CPython's Condition.wait and as_completed() are not safe against a
+        # KeyboardInterrupt in their first lines (a lock left released or held)
+        time.sleep(0.3)
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: the whole group
         try:
