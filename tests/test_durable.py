@@ -97,7 +97,8 @@ class Tree:
         self.lines: list[str] = []
 
     def stderr(self) -> str:
-        self.err.flush()
+        if not self.err.closed:
+            self.err.flush()
         return self.err_path.read_text() if self.err_path.exists() else ""
 
     def readline(self) -> str:
@@ -322,12 +323,13 @@ def test_chaos_kill_the_tree_20_times_then_finish(tmp_path, tasks_module):
     times in a row; then a last run finishes. Every id must have run at least
     once (duplicates allowed), and nothing is left in the spool or the queue.
 
-    2000 tasks of 5 ms: enough work (5 s for 2 workers) that every one of the
-    20 kills lands while tasks are still pending."""
+    4000 tasks of 5 ms: enough work (10 s for 2 workers, and the 20 runs
+    last 7 s on average) that every one of the 20 kills lands while tasks are
+    still pending (with 2000, a quick machine ran out after 19)."""
     key = unused_key()
     queues_before = {q.msqid for q in ipcinfo.list_queues()}
     started = time.time()
-    n, kills_wanted = 2000, 20
+    n, kills_wanted = 4000, 20
     log, progress = str(tmp_path / "log"), str(tmp_path / "progress")
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
@@ -346,9 +348,11 @@ def test_chaos_kill_the_tree_20_times_then_finish(tmp_path, tasks_module):
             time.sleep(delay)
             killed = tree.kill()
             kills += killed
+            # a run that ended by itself before the kill: why
+            why = "" if killed else f"exit {tree.reaper.returncode}: {tree.stderr()[-2000:]}"
             history.append((round(delay, 3), killed,
                             [x.split()[0] for x in tree.lines if x.strip()],
-                            len(logged(log)), spool_len(key)))
+                            len(logged(log)), spool_len(key), why))
             tree = None
         tree = Tree(tmp_path, str(driver), key, n, log, progress, name="final")
         assert tree.wait(90) == 0, "".join(tree.lines) + tree.stderr()
