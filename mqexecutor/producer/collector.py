@@ -367,7 +367,7 @@ class Collector(threading.Thread):
             err = TerminatedWorkerError(f"the task worker running task {task_id} died "
                                         f"({exc})", task_id=task_id)
         if cause == DeathCause.LOST:
-            self.task_lost(task_id, err)
+            self.task_lost(task_id, err, limit_ms)  # the field holds the times sent
             return
         with dispatch.lock:
             again: list[MQFuture] = []
@@ -422,15 +422,18 @@ class Collector(threading.Thread):
             return
         self.fail_item(item, err)
 
-    def task_lost(self, task_id: int, err: TerminatedWorkerError) -> None:
+    def task_lost(self, task_id: int, err: TerminatedWorkerError, sends: int) -> None:
         """A worker that died took ``task_id`` from the queue and never started
-        it (a LOST notice, producer/recovery.py): send it again when its
-        message is kept (in a BATCH, with retries, durable), else fail it. A
-        task done by now (its result came first) is left alone."""
+        it (a LOST notice, producer/recovery.py, found after the task's
+        ``sends``-th send): send it again when its message is kept (in a
+        BATCH, with retries, durable), else fail it. A task done by now (its
+        result came first), sent again since, or waiting to be, is left
+        alone."""
         dispatch = self.dispatch
         with dispatch.lock:
             item = dispatch.pending.get(task_id)
-            if item is None or item.done() or item._state != RUNNING:
+            if (item is None or item.done() or item._state != RUNNING
+                    or item._attempts != sends or any(it is item for it in dispatch.backlog)):
                 return
             if item._message:
                 item._batch = None
@@ -442,6 +445,8 @@ class Collector(threading.Thread):
             dispatch.feed()
             self.state.res.wake()
             return
+        if item._spill_ref:  # the worker died before it read the file
+            spill.discard(item._spill_ref)
         self.fail_item(item, TerminatedWorkerError(
             f"task {task_id} was lost: a task worker took it from the queue and died before "
             f"starting it (the last to die so: task worker {err.worker_id}, pid {err.pid}, "
