@@ -28,7 +28,17 @@ import pytest
 import sysv_ipc
 
 from mqexecutor import Mode, TerminatedWorkerError, ipcinfo, persistence, spill
-from mqexecutor.protocol import PREEMPTIVE_MTYPE, targeted_mtype, unpack_header
+from mqexecutor.protocol import (
+    PREEMPTIVE_MTYPE,
+    RESULT_MTYPE,
+    DeathCause,
+    Kind,
+    Status,
+    build,
+    death_body,
+    targeted_mtype,
+    unpack_header,
+)
 
 from .helpers import (
     REPO,
@@ -685,3 +695,24 @@ def test_a_task_taken_by_a_worker_killed_before_it_said_so_is_not_left_waiting(
         assert blocker.result(timeout=20)[0] == 0
         assert ex.submit(square, 3).result(timeout=20) == 9
         assert ex.stats().recycles["died"] == 1
+
+
+def test_a_lost_notice_about_an_earlier_send_is_ignored(tmp_path):
+    """A LOST notice carries how many times its task had been sent when it
+    was found lost; the collector ignores one about an earlier send (two
+    searches after two deaths, or a task sent again since). Here a notice
+    about send 0 of a task running in its first send arrives on the pool's
+    real reply queue: the task finishes as if nothing came."""
+    gate = Gate(tmp_path)
+    with pool(max_workers=1, batch_size=1) as ex:
+        f = ex.submit(gated, gate.path, gate.started_dir, "t")
+        try:
+            gate.wait_started(1)
+            stale = build(Kind.RESULT, 0, Status.WORKER_DIED, f.task_id, ex.token, 0, 1, 0,
+                          death_body(0, 1, -9, f.task_id, DeathCause.LOST, 0))
+            sysv_ipc.MessageQueue(ex.reply_key).send(stale, type=RESULT_MTYPE)
+            time.sleep(0.3)  # the collector has read it
+            assert not f.done()
+        finally:
+            gate.open()
+        assert f.result(timeout=20)[0] == 0
