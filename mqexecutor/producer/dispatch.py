@@ -521,14 +521,20 @@ class Dispatcher:
                 self.forget(item)
                 item._cancel_pending()
 
+    def mtypes(self) -> list[int]:
+        """The message types this pool's tasks are sent with: one per worker
+        (worker id + 1) when targeted, else ``PREEMPTIVE_MTYPE``."""
+        if self.targeted:
+            return [targeted_mtype(w) for w in range(self.max_workers)]
+        return [PREEMPTIVE_MTYPE]
+
     def withdraw_queued(self) -> None:
         """Take this producer's tasks back from the kernel queue and cancel them
         (shutdown with cancel_futures=True). Other producers' tasks go back."""
         queue = self.res.task_queue
         if queue is None:
             return
-        mtypes = ([targeted_mtype(w) for w in range(self.max_workers)]
-                  if self.targeted else [PREEMPTIVE_MTYPE])
+        mtypes = self.mtypes()
         foreign: list[tuple[bytes, int]] = []
         token = self.res.token
         with self.lock:

@@ -52,7 +52,6 @@ import sysv_ipc
 from .. import queues
 from ..future import RUNNING
 from ..protocol import (
-    PREEMPTIVE_MTYPE,
     RESULT_MTYPE,
     DeathCause,
     Kind,
@@ -61,7 +60,6 @@ from ..protocol import (
     build,
     death_body,
     flatten,
-    targeted_mtype,
     unpack_header,
 )
 from ..scoreboard import BUSY
@@ -216,8 +214,7 @@ class LostTasks:
         dispatch = self.state.dispatch
         queue = self.state.res.task_queue
         token = self.state.res.token
-        mtypes = ([targeted_mtype(w) for w in range(dispatch.max_workers)]
-                  if dispatch.targeted else [PREEMPTIVE_MTYPE])
+        mtypes = dispatch.mtypes()
         taken: list[tuple[bytes, int]] = []
         try:
             for mtype in mtypes:
