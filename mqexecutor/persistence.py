@@ -13,14 +13,13 @@ key, ``p-<pid>-<token>/meta.json`` for a private executor.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import NamedTuple
 
 import sysv_ipc
 
-from . import ipcinfo, spill
+from . import spill
 from .limits import msgmax
 from .protocol import flatten, spill_reference
 
@@ -58,7 +57,8 @@ def _path(subdir: str) -> str:
 def write_meta(subdir: str, meta: QueueMeta) -> None:
     """Write ``meta`` atomically into spill sub-directory ``subdir`` (root 0)."""
     directory = spill.ensure_subdir(0, subdir)
-    import tempfile  # here: with shutil and random, 6 ms of a manager's start-up
+    import json  # here, as tempfile and ipcinfo: off a manager's start-up
+    import tempfile
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".meta-")
     with os.fdopen(fd, "w") as f:
         json.dump(meta._asdict(), f)
@@ -67,6 +67,7 @@ def write_meta(subdir: str, meta: QueueMeta) -> None:
 
 def read_meta(subdir: str) -> QueueMeta | None:
     """The metadata in ``subdir``, None when absent or unreadable."""
+    import json
     try:
         with open(_path(subdir)) as f:
             data = json.load(f)
@@ -134,6 +135,7 @@ def collect_garbage() -> list[str]:
     Returns:
         list of str: one line per thing removed, for logs and the CLI.
     """
+    from . import ipcinfo  # here, as json: off a manager's start-up
 
     removed: list[str] = []
     by_key = {q.key: q for q in ipcinfo.list_queues()}
@@ -212,6 +214,7 @@ def _stale_key_dir(root: str, name: str, by_key: dict) -> list[str]:
             return []
     except OSError:
         return []
+    from . import ipcinfo
     if ipcinfo.queue_info(key) is not None:
         return []
     try:

@@ -8,7 +8,6 @@ sysv_ipc's errors into messages that name the key.
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections.abc import Callable
 
@@ -24,8 +23,6 @@ __all__ = ["ftok", "open_queue", "create_private", "remove_quietly", "parse_key"
 #: costs tens of microseconds here, polling that long with sched_yield little.
 SPIN_SECONDS = 0.0002
 
-
-_rng = random.SystemRandom()
 
 
 def ftok(path: str, proj_id: int = 1) -> int:
@@ -89,7 +86,8 @@ def random_key() -> int:
     """A random key_t for :func:`create_private`, in 0x10000..0x7FFFFFFE (above
     the keys ftok() and small hand-picked keys tend to use). Not checked:
     another queue may have it, which create_private's IPC_EXCL finds out."""
-    return _rng.randrange(0x10000, 0x7FFFFFFF)
+    import random  # here: off a manager's start-up
+    return random.SystemRandom().randrange(0x10000, 0x7FFFFFFF)
 
 
 def create_private(mode: int = 0o600, key: int | None = None) -> sysv_ipc.MessageQueue:

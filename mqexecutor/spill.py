@@ -34,7 +34,6 @@ import errno
 import mmap
 import os
 import re
-import shutil
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -391,6 +390,7 @@ def remove_subdir(subdir: str) -> None:
     """Remove ``subdir`` and its files under every spill root (never raises)."""
     if not _NAME_RE.fullmatch(subdir) or ".." in subdir:
         return
+    import shutil  # here: with bz2 and lzma, 2-3 ms of a manager's start-up
     for root in spill_roots():
         shutil.rmtree(os.path.join(root, subdir), ignore_errors=True)
         _remove_root_if_empty(root)

@@ -29,7 +29,7 @@ from typing import Any
 
 import sysv_ipc
 
-from .. import codec, context, deadletter, functions, outbox, queues, spill
+from .. import codec, context, functions, outbox, queues, spill
 from ..codec import PLAIN_TYPES, PROTOCOL
 from ..config import PoolConfig
 from ..functions import BY_VALUE_PREFIX
@@ -258,6 +258,7 @@ class TaskWorker:
             self.board.add_rejected(self.wid)
         except (ValueError, IndexError):
             pass
+        from .. import deadletter  # json and base64: off every worker's start-up
         kept = deadletter.record(self.cfg.task_key, raw, reason, self.wid)
         where = f"; kept in {kept}" if kept else ""
         context.report(f"set aside a message of {len(raw)} bytes: {reason}{where}")
