@@ -31,6 +31,9 @@ def test_what_a_task_prints_shows_under_its_cell(kernel_manager, tmp_path):  # n
         "print('cell 4 only')",
         "ex.submit(print, 'start ' + '\\u00e9' * 20000 + ' end').result(timeout=30)",
         "[f.result(timeout=30) for f in [ex.submit(chatty, i) for i in (5, 6)]]",
+        # a cell's tasks keep one Context between them, not one each
+        "fs = [ex.submit(abs, -i) for i in range(50)]\n"
+        "print(len({id(f._context) for f in fs}), [f.result(timeout=30) for f in fs][-1])",
         "ex.shutdown()",
     ]
     nb = nbformat.v4.new_notebook()
@@ -44,6 +47,7 @@ def test_what_a_task_prints_shows_under_its_cell(kernel_manager, tmp_path):  # n
     assert _outputs(nb.cells[4]) == "start " + "\u00e9" * 20000 + " end\n"
     assert "printed by task 5" in _outputs(nb.cells[5])
     assert "printed by task 6" in _outputs(nb.cells[5])
+    assert _outputs(nb.cells[6]) == "1 49\n"
 
 
 def test_interrupting_a_map_leaves_the_executor_usable(kernel_manager, tmp_path):  # noqa: F811

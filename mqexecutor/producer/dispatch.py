@@ -85,6 +85,11 @@ class Dispatcher:
         self.task_timeout = task_timeout
         #: Keep on each Future the context it was submitted in (relay.py).
         self.capture_context = capture_context
+        #: The Context of the last submit, kept while the context stays equal
+        #: (the same variables with the same values): one object for a cell's
+        #: tasks rather than one per task for the garbage collector to scan.
+        #: Per pool: only this pool's collector runs it, one item at a time.
+        self.last_context: Any = None
         #: Whether the manager watches time limits (it does from the start
         #: with ``task_timeout``; else it is told at the first timed task).
         self.watching = bool(task_timeout)
@@ -164,7 +169,10 @@ class Dispatcher:
         prefix = info.prefix
         fut = MQFuture(0, info.name, self)
         if self.capture_context:  # a notebook: what the task prints shows in this cell
-            fut._context = submit_context()
+            context = submit_context()
+            if context != self.last_context:  # a cell's submits share one Context
+                self.last_context = context
+            fut._context = self.last_context
         if timeout:
             if not self.watching:
                 self.watch_deadlines()
