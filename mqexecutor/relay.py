@@ -93,10 +93,26 @@ def _run(context: Any, fn: Callable, arg: Any) -> None:
         context.run(fn, arg)
 
 
-def submit_context() -> Any:
-    """The ``contextvars.Context`` a task is submitted in (kept on its Future
-    when text is relayed): ipykernel's streams find the cell there."""
-    return _copy_context()
+def shared_context(last: Any) -> Any:
+    """The ``contextvars.Context`` to keep on the Future of a submit made now
+    (when text is relayed: ipykernel's streams find the cell there): ``last`` (the
+    one kept for the previous submit, or None) when the current context holds
+    the same variables with equal values, as a notebook cell's submits do,
+    so that a cell's pending tasks share one object; else a new copy.
+
+    A value whose comparison raises (a numpy array's ``==``, say) counts as
+    different; nothing is raised. Safe to call from several threads: each
+    caller gets a Context equal to its own, whatever ``last`` another thread
+    keeps meanwhile.
+    """
+    context = _copy_context()
+    if last is not None:
+        try:
+            if context == last:
+                return last
+        except Exception:  # noqa: BLE001 - an uncomparable value: keep a copy
+            pass
+    return context
 
 
 def _copy_context() -> Any:

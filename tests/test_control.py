@@ -295,6 +295,43 @@ def test_records_of_a_task_reach_this_process_handlers(collected):
         assert len([r for r in collected if r.name == "tests.control"]) == 3
 
 
+class _Uncomparable:
+    """A value whose ``==`` raises, as a numpy array's truth value does."""
+
+    def __eq__(self, other):
+        raise ValueError("truth value of an array is ambiguous")
+
+    __hash__ = object.__hash__
+
+
+def test_submits_share_a_context_only_while_its_variables_are_equal():
+    """What a notebook's submits keep on their Futures (relay.shared_context):
+    one Context while the variables and values stay the same, a new one when
+    they change, whatever the Context kept before holds; a value whose
+    comparison raises never reaches the caller."""
+    import contextvars
+
+    from mqexecutor.relay import shared_context
+    var = contextvars.ContextVar("cell")
+
+    def body():
+        var.set("cell 1")
+        first = shared_context(None)
+        assert first[var] == "cell 1"
+        assert shared_context(first) is first  # the same cell: one object
+        var.set("cell 2")
+        second = shared_context(first)  # `first` kept by another submit
+        assert second is not first and second[var] == "cell 2"
+        var.set(_Uncomparable())
+        third = shared_context(second)
+        var.set(_Uncomparable())  # another value that cannot be compared
+        fourth = shared_context(third)
+        assert fourth is not third and fourth[var] is var.get()
+        assert shared_context(fourth) is fourth  # the same object: equal
+
+    contextvars.Context().run(body)
+
+
 def test_relay_logs_false_relays_nothing(collected):
     with pool(max_workers=1, relay_logs=False) as ex:
         assert ex.submit(log_records, 3).result(timeout=30) == 3

@@ -46,7 +46,7 @@ from ..protocol import (
     timeout_field,
     unpack_header,
 )
-from ..relay import submit_context
+from ..relay import shared_context
 from .pool import PoolFlags, Resources, interpreter_exiting
 
 __all__ = ["Dispatcher"]
@@ -169,10 +169,9 @@ class Dispatcher:
         prefix = info.prefix
         fut = MQFuture(0, info.name, self)
         if self.capture_context:  # a notebook: what the task prints shows in this cell
-            context = submit_context()
-            if context != self.last_context:  # a cell's submits share one Context
-                self.last_context = context
-            fut._context = self.last_context
+            # a cell's submits share one Context; each Future gets one equal to
+            # its own even while other threads submit
+            fut._context = self.last_context = shared_context(self.last_context)
         if timeout:
             if not self.watching:
                 self.watch_deadlines()
