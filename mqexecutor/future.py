@@ -10,10 +10,11 @@ only with the methods and functions here.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import _base as _futures_base
 from typing import Any
@@ -22,8 +23,8 @@ from .errors import BrokenMQPool, RemoteTraceback, TaskUnpicklingError
 from .protocol import Status
 from .queues import SPIN_SECONDS
 
-__all__ = ["MQFuture", "set_outcome", "fail", "finish_values", "PENDING", "RUNNING",
-           "FINISHED", "DONE_STATES", "CANCELLED_STATES"]
+__all__ = ["MQFuture", "set_outcome", "fail", "finish_values", "deferring_callbacks",
+           "PENDING", "RUNNING", "FINISHED", "DONE_STATES", "CANCELLED_STATES"]
 
 RUNNING = _futures_base.RUNNING
 FINISHED = _futures_base.FINISHED
@@ -32,6 +33,23 @@ CANCELLED_STATES = frozenset((_futures_base.CANCELLED, _futures_base.CANCELLED_A
 DONE_STATES = frozenset((_futures_base.FINISHED, _futures_base.CANCELLED,
                          _futures_base.CANCELLED_AND_NOTIFIED))
 _InvalidStateError = _futures_base.InvalidStateError
+#: Per thread: the list the Futures whose done callbacks are put off go to.
+_deferral = threading.local()
+
+
+@contextlib.contextmanager
+def deferring_callbacks(into: list[MQFuture]) -> Iterator[None]:
+    """In this thread, while the block runs, a Future completed does not run
+    its done callbacks: it is appended to ``into``, and the caller runs them
+    (``fut._invoke_callbacks()``) once it holds no lock a callback could need
+    (producer/receiver.py: a thread that completes Futures while it waits in
+    ``result()``)."""
+    outer = getattr(_deferral, "into", None)
+    _deferral.into = into
+    try:
+        yield
+    finally:
+        _deferral.into = outer
 
 
 class _FutureLock(_thread.RLock):  # type: ignore[misc,valid-type]
@@ -206,6 +224,15 @@ class MQFuture(Future):
         except Exception:  # noqa: BLE001 - logged, as concurrent.futures does
             _futures_base.LOGGER.exception("exception calling callback for %r", self)
 
+    def _invoke_callbacks(self) -> None:
+        """As ``Future._invoke_callbacks``, but put off in a thread that
+        completes Futures while it waits (see :func:`deferring_callbacks`)."""
+        into = getattr(_deferral, "into", None)
+        if into is not None:
+            into.append(self)
+            return
+        super()._invoke_callbacks()  # type: ignore[misc]
+
     def set_result(self, result: Any) -> None:
         """As ``concurrent.futures.Future.set_result`` (for the executor only)."""
         with self._condition:
@@ -234,11 +261,16 @@ class MQFuture(Future):
         if self._state in DONE_STATES:
             return
         if timeout is None or timeout >= SPIN_SECONDS:
-            deadline = time.monotonic() + SPIN_SECONDS
-            while time.monotonic() < deadline:
-                os.sched_yield()  # releases the GIL for the collector
-                if self._state in DONE_STATES:
-                    return
+            receiver = getattr(self._dispatch, "receiver", None)
+            if receiver is None or not receiver.poll(self, SPIN_SECONDS):
+                # poll for the collector's work: waking from a lock costs more
+                deadline = time.monotonic() + SPIN_SECONDS
+                while time.monotonic() < deadline:
+                    os.sched_yield()  # releases the GIL for the collector
+                    if self._state in DONE_STATES:
+                        return
+            elif self._state in DONE_STATES:
+                return
             if timeout is not None:
                 timeout -= SPIN_SECONDS
         waiter = _ResultWaiter()

@@ -37,7 +37,7 @@ __all__ = [
     "MAGIC", "WIRE_VERSION", "HEADER_FORMAT", "HEADER_SIZE", "HEADER_STRUCT", "Kind", "Flag",
     "Status",
     "Header", "ProtocolError", "pack_header", "unpack_header", "PREEMPTIVE_MTYPE",
-    "RESULT_MTYPE", "CONTROL_MTYPE", "targeted_mtype", "task_body", "split_task_body",
+    "RESULT_MTYPE", "CONTROL_MTYPE", "WAKE_MTYPE", "targeted_mtype", "task_body", "split_task_body",
     "task_payload", "replace_route", "build", "parse", "AuthError", "TAG_SIZE", "split_batch",
     "join_batch", "flatten", "ok_result", "batch_entries",
     "F_SPILL", "F_TARGETED", "F_BATCH", "F_AUTH", "F_KEEP_SPILL", "F_FN_REF", "F_VALUES",
@@ -63,6 +63,10 @@ PREEMPTIVE_MTYPE = 1
 RESULT_MTYPE = 1
 #: Message type of control messages on a producer's reply queue (collector stop).
 CONTROL_MTYPE = 2
+#: Message type of the empty message that gets a producer's collector out of a
+#: blocking msgrcv on its reply queue, so that a thread waiting in result()
+#: receives the reply itself (producer/receiver.py).
+WAKE_MTYPE = 3
 
 
 def targeted_mtype(worker_id: int) -> int:

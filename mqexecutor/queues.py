@@ -125,9 +125,11 @@ def remove_quietly(queue: sysv_ipc.MessageQueue | None) -> None:
 
 
 def spin_receive(queue: sysv_ipc.MessageQueue, mtype: int = 0,
-                 seconds: float = SPIN_SECONDS) -> tuple[bytes, int] | None:
+                 seconds: float = SPIN_SECONDS,
+                 give_up: Callable[[], bool] | None = None) -> tuple[bytes, int] | None:
     """Poll ``queue`` for a message of type ``mtype`` (msgrcv with IPC_NOWAIT)
-    for up to ``seconds`` seconds, yielding the CPU between tries.
+    for up to ``seconds`` seconds, yielding the CPU between tries, and not
+    after ``give_up()`` (when given) returns True.
 
     Returns:
         (message, mtype), or None when nothing came, or on an error (queue
@@ -138,7 +140,7 @@ def spin_receive(queue: sysv_ipc.MessageQueue, mtype: int = 0,
         try:
             return queue.receive(block=False, type=mtype)
         except sysv_ipc.BusyError:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or give_up is not None and give_up():
                 return None
             os.sched_yield()
         except (sysv_ipc.Error, OSError):

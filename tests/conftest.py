@@ -28,6 +28,7 @@ gone and never seen) are listed in the summary as "not counted", not failed.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -324,3 +325,30 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             terminalreporter.write_line("  " + text)
         if len(_UNATTRIBUTED) > len(shown):
             terminalreporter.write_line(f"  ... and {len(_UNATTRIBUTED) - len(shown)} more")
+
+
+class Collect(logging.Handler):
+    """Keeps every record it is given (for ``collected``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def collected():
+    """The records that reach the root logger at WARNING and above during the test
+    (relayed from tasks among them)."""
+    handler = Collect()
+    root = logging.getLogger()
+    old = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    try:
+        yield handler.records
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)

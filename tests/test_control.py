@@ -258,29 +258,6 @@ def test_a_worker_above_its_memory_cap_is_recycled_under_the_same_id(mode):
 # logging records
 # --------------------------------------------------------------------------
 
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
-@pytest.fixture
-def collected():
-    handler = Collect()
-    root = logging.getLogger()
-    old = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING)
-    try:
-        yield handler.records
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old)
-
-
 def test_records_of_a_task_reach_this_process_handlers(collected):
     with pool(max_workers=2) as ex:
         f = ex.submit(log_records, 3)

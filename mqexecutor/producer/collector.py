@@ -20,7 +20,7 @@ from typing import Any
 
 import sysv_ipc
 
-from .. import codec, queues, spill
+from .. import codec, spill
 from ..errors import ResultUnpicklingError, TaskTimeoutError, TerminatedWorkerError
 from ..future import RUNNING, MQFuture, fail, finish_values, set_outcome
 from ..manager.process import describe_exit
@@ -33,6 +33,7 @@ from ..protocol import (
     HEADER_SIZE,
     HEADER_STRUCT,
     MAGIC,
+    WAKE_MTYPE,
     WIRE_VERSION,
     DeathCause,
     Kind,
@@ -45,7 +46,9 @@ from ..protocol import (
     split_values,
     unpack_header,
 )
+from ..queues import SPIN_SECONDS
 from ..relay import deliver
+from .receiver import Receiver
 from .state import PoolState
 
 __all__ = ["Collector", "REPLY_QUEUE_GONE"]
@@ -55,6 +58,8 @@ REPLY_QUEUE_GONE = ("the reply queue was removed from the kernel (ipcrm?) while 
 
 _PLAIN_RESULT = (MAGIC, WIRE_VERSION, int(Kind.RESULT))
 _RELAY = int(Kind.RELAY)
+#: What Collector.receive returns when the reply queue is gone.
+_GONE = object()
 
 
 class Collector(threading.Thread):
@@ -81,59 +86,124 @@ class Collector(threading.Thread):
         #: return values come back as RESULT VALUES.
         self.plain = self.authkey is None and not self.journal.durable
         self.observe: Callable[[int, bytes], None] | None = None
+        #: Who receives from the reply queue: this thread, or one waiting in
+        #: result() (the Dispatcher hands it to the pool's Futures).
+        self.receiver = Receiver(self)
+        self.dispatch.receiver = self.receiver
 
     def run(self) -> None:
-        """Drain the reply queue for good: complete Futures, refill the task queue."""
+        """Drain the reply queue for good: complete Futures, refill the task
+        queue. Takes turns with the threads that wait in ``result()``
+        (:mod:`.receiver`): it holds the receiver's lock while it receives and
+        handles, and stays out of a blocking msgrcv while they poll."""
         queue = self.queue
-        state = self.state
         dispatch = self.dispatch
+        receiver = self.receiver
+        receiver.collector_ident = threading.get_ident()
+        lock = receiver.lock
         spin = False
+        found_nothing = False
         while True:
-            got = queues.spin_receive(queue) if spin else None
-            try:
-                raw, mtype = got or queue.receive()
-            except sysv_ipc.ExistentialError:
-                # Removed at shutdown, after this thread was joined; else by hand.
-                if not state.res.closed:
-                    state.break_pool(REPLY_QUEUE_GONE)
-                return
-            except sysv_ipc.Error:
-                continue  # EINTR
-            except OSError as exc:
-                if exc.errno == errno.E2BIG:  # not ours: our messages fit msgmax
-                    try:
-                        queue.receive(block=False)
-                    except Exception:  # noqa: BLE001
-                        pass
+            block = receiver.collector_turn(found_nothing)
+            found_nothing = False
+            with lock:
+                handover = receiver.inbox
+                if handover:  # taken by a waiting thread, left to us: first
+                    handled = 0
+                    while handover:
+                        handled += self.handle_one(handover.popleft()[0])
+                    self.after_batch(handled)
                     continue
-                raise
-            if mtype == CONTROL_MTYPE:
-                return  # sent by the monitor after the last worker exited
-            handled = 0
-            for more in range(255, -1, -1):
-                try:
-                    n = self.handle_message(raw)
-                    handled += n
-                    if self.observe is not None:
-                        self.observe(n, raw)
-                except BaseException:  # noqa: BLE001 - the collector must not die
-                    traceback.print_exc()
-                if not more:
-                    break
-                try:  # drain what else is waiting before refilling the task queue
-                    raw, mtype = queue.receive(block=False)
-                except (sysv_ipc.Error, OSError):
-                    break
-                if mtype == CONTROL_MTYPE:
+                got = None
+                if block:
+                    if spin:
+                        got = receiver.spin(SPIN_SECONDS)
+                    if got is None:
+                        if not receiver.enter_msgrcv():
+                            continue  # a thread started polling: its turn
+                        try:
+                            got = self.receive(True)
+                        finally:
+                            receiver.blocked = False
+                else:  # a thread waited in result() lately: poll
+                    got = self.receive(False)
+                    if got is None:
+                        found_nothing = True
+                        if dispatch.backlog:
+                            dispatch.feed()
+                        continue
+                if got is None:
+                    continue
+                if got is _GONE:
+                    receiver.close()
                     return
-            dispatch.note_results(handled)
-            if dispatch.backlog:
-                dispatch.feed()
-            if state.flags.shutdown_requested and not dispatch.pending:
-                state.res.wake()  # the monitor waits for the last outcome to tear down
-            # A few tasks out and none waiting here: the next result is likely
-            # close, and polling for it beats being woken (about 30 us here).
-            spin = not dispatch.backlog and 0 < len(dispatch.pending) <= dispatch.max_workers
+                raw, mtype = got
+                handled = 0
+                for more in range(255, -1, -1):
+                    if mtype == CONTROL_MTYPE:
+                        receiver.close()
+                        return  # sent by the monitor after the last worker exited
+                    if mtype == WAKE_MTYPE:
+                        receiver.wake_sent = False
+                    else:
+                        handled += self.handle_one(raw)
+                    if not more:
+                        break
+                    try:  # drain what else is waiting before refilling the task queue
+                        raw, mtype = queue.receive(block=False)
+                    except (sysv_ipc.Error, OSError):
+                        break
+                self.after_batch(handled)
+                # A few tasks out and none waiting here: the next result is likely
+                # close, and polling for it beats being woken (about 30 us here).
+                spin = not dispatch.backlog and 0 < len(dispatch.pending) <= dispatch.max_workers
+
+    def receive(self, block: bool) -> Any:
+        """One message of the reply queue, as ``(raw, mtype)``; None when
+        there is none (``block`` False), on EINTR, or for a message too large
+        (not ours: dropped); ``_GONE`` when the queue was removed (the pool is
+        broken then, unless it is being released)."""
+        queue = self.queue
+        try:
+            return queue.receive(block=block)
+        except sysv_ipc.ExistentialError:
+            # Removed at shutdown, after this thread was joined; else by hand.
+            if not self.state.res.closed:
+                self.state.break_pool(REPLY_QUEUE_GONE)
+            return _GONE
+        except sysv_ipc.Error:
+            return None  # EINTR, or nothing there (BusyError)
+        except OSError as exc:
+            if exc.errno == errno.E2BIG:  # not ours: our messages fit msgmax
+                try:
+                    queue.receive(block=False)
+                except Exception:  # noqa: BLE001
+                    pass
+                return None
+            raise
+
+    def handle_one(self, raw: bytes) -> int:
+        """:meth:`handle_message`, which must not end the collector: an
+        exception is printed. Returns how many results ``raw`` carried."""
+        try:
+            n = self.handle_message(raw)
+            if self.observe is not None:
+                self.observe(n, raw)
+            return n
+        except BaseException:  # noqa: BLE001 - the collector must not die
+            traceback.print_exc()
+            return 0
+
+    def after_batch(self, handled: int) -> None:
+        """After a batch of replies: adapt the batch size, refill the task
+        queue from the backlog (a result leaving means room), and wake the
+        monitor when a shutdown waits for the last outcome."""
+        dispatch = self.dispatch
+        dispatch.note_results(handled)
+        if dispatch.backlog:
+            dispatch.feed()
+        if self.state.flags.shutdown_requested and not dispatch.pending:
+            self.state.res.wake()  # the monitor waits for the last outcome to tear down
 
     # -- one message -------------------------------------------------------------
     def handle_message(self, raw: bytes) -> int:

@@ -68,9 +68,11 @@ class Dispatcher:
         capture_context (bool): keep the context of each submit on its Future
             (a notebook shows what a task prints under the cell that submitted it).
 
-    The collector thread alone updates ``finished``, ``completed``,
-    ``batch_limit`` and the rate marks (``take``, ``note_results``,
-    ``note_busy``), without the lock, so that it never waits on submit().
+    Whoever holds the receiver's lock (the collector thread, or a thread
+    waiting in ``result()``: producer/receiver.py) alone updates ``finished``,
+    ``completed``, ``batch_limit`` and the rate marks (``take``,
+    ``note_results``, ``note_busy``), without the pool lock, so that it never
+    waits on submit().
     """
 
     def __init__(self, res: Resources, flags: PoolFlags, *, targeted: bool, max_workers: int,
@@ -97,12 +99,15 @@ class Dispatcher:
         #: the pool's owner watches the limits, and terminate() only cancels).
         self.tell_manager: Callable[..., bool] | None = None
         self.durable = res.journal.durable
+        #: The pool's receiver.Receiver (set with its collector): a thread
+        #: waiting in MQFuture.result() polls the reply queue through it.
+        self.receiver: Any = None
         self.lock = threading.RLock()
         self.backlog: collections.deque[MQFuture] = collections.deque()
         self.pending: dict[int, MQFuture] = {}
         self.ids = itertools.count(1)
         # Targeted mode: tasks given to each worker (changed under the lock) and
-        # outcomes taken for each (by the collector alone, without the lock, so
+        # outcomes taken for each (by the receiver alone, without the lock, so
         # that it never waits on submit() for it); the difference is the load.
         self.outstanding = [0] * max_workers
         self.finished = [0] * max_workers
@@ -494,9 +499,9 @@ class Dispatcher:
         self.busy_mark = (n + tasks, busy + seconds)
 
     def take(self, task_id: int) -> MQFuture | None:
-        """Remove the pending task ``task_id`` whose outcome came (the collector
-        thread only: it alone counts ``finished``). Returns None when it is not
-        pending anymore."""
+        """Remove the pending task ``task_id`` whose outcome came (the holder of
+        the receiver's lock only: it alone counts ``finished``). Returns None
+        when it is not pending anymore."""
         item = self.pending.pop(task_id, None)  # atomic under the GIL
         if item is not None:
             if item._worker >= 0:
