@@ -141,7 +141,8 @@ class Receiver:
                 try:
                     self.queue.send(b"", block=False, type=WAKE_MTYPE)
                 except (sysv_ipc.Error, OSError):
-                    pass  # a full queue: the collector is not blocked for long
+                    # a full queue: the collector is not blocked for long
+                    self.wake_sent = False
             with deferring_callbacks(deferred):
                 deadline = time.monotonic() + seconds
                 lock = self.lock
