@@ -212,7 +212,12 @@ class MQFuture(Future):
 
     # -- concurrent.futures.Future ------------------------------------------------------
     def add_done_callback(self, fn: Callable[[Future], object]) -> None:
-        """As ``concurrent.futures.Future.add_done_callback``."""
+        """As ``concurrent.futures.Future.add_done_callback``: ``fn(future)`` runs
+        in the thread that completes the Future: the pool's collector thread,
+        or a thread waiting in ``result()`` that took the reply itself
+        (producer/receiver.py; after it stops polling); at once, in this
+        thread, when the Future is done already. An exception it raises is
+        logged (``concurrent.futures`` logger), as concurrent.futures does."""
         with self._condition:
             if self._state not in DONE_STATES:
                 if not self._done_callbacks:
@@ -289,6 +294,12 @@ class MQFuture(Future):
 
     def result(self, timeout: float | None = None) -> Any:
         """As ``concurrent.futures.Future.result``: the task's return value.
+
+        While few tasks are out (at most 2 per worker, none in the backlog),
+        the calling thread polls the pool's reply queue for up to 200 µs and
+        completes the Futures of the results it takes, its own among them,
+        instead of waiting for the collector thread (producer/receiver.py);
+        then it sleeps until the Future is done.
 
         Raises:
             CancelledError: the Future was cancelled.
