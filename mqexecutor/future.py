@@ -232,6 +232,8 @@ class MQFuture(Future):
     def _invoke_callbacks(self) -> None:
         """As ``Future._invoke_callbacks``, but put off in a thread that
         completes Futures while it waits (see :func:`deferring_callbacks`)."""
+        if not self._done_callbacks:
+            return
         into = getattr(_deferral, "into", None)
         if into is not None:
             into.append(self)
@@ -267,6 +269,7 @@ class MQFuture(Future):
             return
         if timeout is None or timeout >= SPIN_SECONDS:
             receiver = getattr(self._dispatch, "receiver", None)
+            start = time.monotonic()
             if receiver is None or not receiver.poll(self, SPIN_SECONDS):
                 # poll for the collector's work: waking from a lock costs more
                 deadline = time.monotonic() + SPIN_SECONDS
@@ -276,8 +279,8 @@ class MQFuture(Future):
                         return
             elif self._state in DONE_STATES:
                 return
-            if timeout is not None:
-                timeout -= SPIN_SECONDS
+            if timeout is not None:  # poll() may run callbacks: the time it took
+                timeout -= time.monotonic() - start
         waiter = _ResultWaiter()
         with self._condition:
             if self._state in DONE_STATES:
@@ -296,10 +299,12 @@ class MQFuture(Future):
         """As ``concurrent.futures.Future.result``: the task's return value.
 
         While few tasks are out (at most 2 per worker, none in the backlog),
-        the calling thread polls the pool's reply queue for up to 200 µs and
-        completes the Futures of the results it takes, its own among them,
-        instead of waiting for the collector thread (producer/receiver.py);
-        then it sleeps until the Future is done.
+        a thread other than the collector waiting 200 µs or more polls the
+        pool's reply queue for up to 200 µs and completes the Futures of the
+        results it takes, its own among them, instead of waiting for the
+        collector thread (producer/receiver.py); it then runs the done
+        callbacks of those Futures, which may take longer. Then it sleeps
+        until the Future is done. ``timeout`` counts all of it.
 
         Raises:
             CancelledError: the Future was cancelled.
@@ -324,8 +329,9 @@ class MQFuture(Future):
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As ``concurrent.futures.Future.exception``: the task's exception, or
-        None when it returned. Raises CancelledError and TimeoutError as
-        ``result()``."""
+        None when it returned. Waits as ``result()`` does (the calling thread
+        may take the reply itself), and raises CancelledError and
+        TimeoutError as it does."""
         self._wait(timeout)
         return super().exception(0)
 

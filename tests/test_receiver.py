@@ -133,3 +133,47 @@ def test_an_interrupt_while_handling_a_reply_loses_no_future(monkeypatch):
         assert raised, "no reply was handled by the waiting thread"
         assert [f.result(timeout=20) for f in futures] == [i * i for i in range(200)]
         assert not ex._state.dispatch.pending
+
+
+_INTERRUPTED: list[int] = []
+
+
+def _value_interrupting_main_once(value):
+    """Unpickled in the owner: raise KeyboardInterrupt the first time the main
+    thread unpickles it (a Ctrl-C that lands while the waiting thread reads
+    the result), else give ``value``."""
+    if threading.current_thread() is threading.main_thread() and not _INTERRUPTED:
+        _INTERRUPTED.append(value)
+        raise KeyboardInterrupt
+    return value
+
+
+class InterruptsWhenRead:
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return _value_interrupting_main_once, (self.value,)
+
+
+def interrupting_result(x):
+    return InterruptsWhenRead(x)
+
+
+def test_an_interrupt_while_unpickling_a_result_is_raised_and_the_result_kept():
+    """A KeyboardInterrupt raised while the waiting thread unpickles a result
+    is the user's, not the result's: result() raises it, and the Future then
+    gets its value (the collector reads the reply again), not an unpickling
+    error."""
+    _INTERRUPTED.clear()
+    with pool(max_workers=2) as ex:
+        ex.submit(square, 1).result()
+        for i in range(200):
+            f = ex.submit(interrupting_result, i)
+            try:
+                assert f.result(timeout=20) == i
+            except KeyboardInterrupt:
+                assert _INTERRUPTED == [i]
+                assert f.result(timeout=20) == i
+                break
+        assert _INTERRUPTED, "no result was read by the waiting thread"

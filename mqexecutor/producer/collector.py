@@ -343,6 +343,7 @@ class Collector(threading.Thread):
         try:
             value = pickle.loads(data)
         except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
+            self.interrupted(exc)
             self.unpickling_failed(fut, exc)
             return
         set_outcome(fut, Status.OK, value, -1)
@@ -405,10 +406,19 @@ class Collector(threading.Thread):
         try:
             value = codec.loads(body, spilled)
         except BaseException as exc:  # noqa: BLE001 - SystemExit at unpickle too
+            self.interrupted(exc)
             self.unpickling_failed(fut, exc)
             return
         set_outcome(fut, h.status, value, h.worker)
         self.journal.forget(self.token, h.task_id)  # delivered: forget it
+
+    def interrupted(self, exc: BaseException) -> None:
+        """Raise ``exc`` again when it is a KeyboardInterrupt in a thread
+        other than this one (a thread waiting in ``result()`` that handles a
+        reply, producer/receiver.py): it is the user's Ctrl-C, not the
+        result's fault; the receiver leaves the reply to the collector."""
+        if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is not self:
+            raise exc
 
     def unpickling_failed(self, fut: MQFuture, exc: BaseException) -> None:
         err = ResultUnpicklingError(

@@ -45,6 +45,7 @@ from .. import queues
 from ..future import DONE_STATES, MQFuture, deferring_callbacks
 from ..protocol import (
     F_BATCH,
+    F_SPILL,
     F_VALUES,
     HEADER_SIZE,
     MAGIC,
@@ -118,9 +119,11 @@ class Receiver:
 
         Raises:
             KeyboardInterrupt (and any BaseException that is not an
-            Exception) raised in this thread while it handled a reply: the
-            reply goes to the collector, which handles it again, so no
-            Future is left undone.
+            Exception) raised in this thread while it polled or handled a
+            reply: the reply is left to the collector, which handles it
+            again, with its Future back in pending if it was taken out and
+            not completed (:meth:`rescue`); the done callbacks of the Futures
+            this thread completed run before it propagates.
         """
         dispatch = self.dispatch
         if (self.closed or self.inbox or dispatch.backlog
@@ -158,16 +161,18 @@ class Receiver:
                         break
                     os.sched_yield()
         finally:
-            if counted:
-                with turn:
-                    self.callers -= 1
-                    if fut._state in DONE_STATES and not stop:
-                        self.last_caller = time.monotonic()
-                    else:  # it goes to sleep, or left a reply: the collector's turn
-                        self.last_caller = -LINGER
-                        turn.notify()
-        for done in deferred:
-            done._invoke_callbacks()
+            try:
+                if counted:
+                    with turn:
+                        self.callers -= 1
+                        if fut._state in DONE_STATES and not stop:
+                            self.last_caller = time.monotonic()
+                        else:  # it goes to sleep, or left a reply: the collector's turn
+                            self.last_caller = -LINGER
+                            turn.notify()
+            finally:
+                for done in deferred:
+                    done._invoke_callbacks()
         return True
 
     def take(self) -> bool:
@@ -226,10 +231,15 @@ class Receiver:
         ``task_id`` if it was taken out and not completed (one completed is
         not pending anymore: the collector leaves it alone)."""
         dispatch = self.dispatch
-        if fut is not None and fut._state not in DONE_STATES and task_id not in dispatch.pending:
-            dispatch.pending[task_id] = fut
-            if fut._worker >= 0:  # as take() counted it
-                dispatch.finished[fut._worker] -= 1
+        if fut is not None:
+            if fut._state not in DONE_STATES:
+                if task_id not in dispatch.pending:
+                    dispatch.pending[task_id] = fut
+                    if fut._worker >= 0:  # as take() counted it
+                        dispatch.finished[fut._worker] -= 1
+            else:  # completed, maybe not all the way: wake result() again
+                fut._wake_result_waiters()
+                self.collector.journal.forget(self.collector.token, task_id)
         with self.turn:
             self.turn.notify()
 
@@ -245,16 +255,18 @@ class Receiver:
         """
         turn = self.turn
         with turn:
-            while True:
-                if self.inbox:
+            if self.inbox:
+                return False
+            if not self.callers:
+                if time.monotonic() - self.last_caller >= LINGER:
+                    return True
+                if not found_nothing:
                     return False
-                if not self.callers:
-                    if time.monotonic() - self.last_caller >= LINGER:
-                        return True
-                    if not found_nothing:
-                        return False
-                turn.wait(POLL)
-                found_nothing = False
+            # A poll every POLL seconds even while threads poll: should one be
+            # interrupted where it could not count itself out, the replies
+            # still come in (and the stop message at teardown).
+            turn.wait(POLL)
+            return False
 
     def enter_msgrcv(self) -> bool:
         """The collector, holding ``lock``, is about to block in msgrcv: True
@@ -284,8 +296,10 @@ class Receiver:
 
 def _single_result(raw: bytes) -> bool:
     """Whether ``raw`` is a RESULT of one task that a waiting thread may
-    handle: a return value or an exception, not a batch, not a notice."""
+    handle: a return value or an exception, inline (a spill file is
+    unlinked as it is read: it could not be read again after an interrupt),
+    not a batch, not a notice."""
     return (len(raw) >= HEADER_SIZE and raw[:2] == MAGIC and raw[2] == WIRE_VERSION
-            and raw[3] == _RESULT and not raw[4] & (F_BATCH | F_VALUES)
+            and raw[3] == _RESULT and not raw[4] & (F_BATCH | F_VALUES | F_SPILL)
             and int.from_bytes(raw[6:8], "little") in _CALLER_STATUSES)
 
