@@ -117,13 +117,25 @@ class Receiver:
         has a backlog or more than two tasks per worker out; the collector
         has ended; a reply waits in the handover (``inbox``).
 
+        Args:
+            fut (MQFuture): the Future this thread waits for (a Future of
+                this pool).
+            seconds (float): the longest time to poll, in seconds
+                (``queues.SPIN_SECONDS`` from ``MQFuture._wait``); the done
+                callbacks run afterwards may take longer.
+
+        Returns:
+            bool: True when this thread polled (``fut`` may still be
+            pending: the caller then sleeps until it is done).
+
         Raises:
-            KeyboardInterrupt (and any BaseException that is not an
-            Exception) raised in this thread while it polled or handled a
-            reply: the reply is left to the collector, which handles it
-            again, with its Future back in pending if it was taken out and
-            not completed (:meth:`rescue`); the done callbacks of the Futures
-            this thread completed run before it propagates.
+            KeyboardInterrupt: a Ctrl-C in this thread while it polled or
+                handled a reply. The reply is left to the collector, which
+                handles it again, with its Future back in pending if it was
+                taken out and not completed (:meth:`rescue`); the done
+                callbacks of the Futures this thread completed run before it
+                propagates. (An exception raised by unpickling a result fails
+                that result's Future, as in the collector.)
         """
         dispatch = self.dispatch
         if (self.closed or self.inbox or dispatch.backlog
